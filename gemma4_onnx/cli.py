@@ -1,0 +1,139 @@
+"""The ``gemma4-onnx`` command. Each verb imports its stage lazily, so the deployment verbs
+(generate, verify, mobile) never load torch or transformers."""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from gemma4_onnx import __version__
+from gemma4_onnx.errors import Gemma4OnnxError, NotBuiltYet
+from gemma4_onnx.progress import say, set_quiet
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    from gemma4_onnx.exporter.variant_table import variant_rows
+
+    rows = variant_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = f"{'variant':<14} {'layers':<28} {'total':>8} {'embed':>7} {'PLE':>7} {'vision':>7} {'audio':>7} " \
+             f"{'effect.':>8} {'LM':>8} {'active':>7}"
+    print(header)
+    for row in rows:
+        c = row["parameters"]
+
+        def g(key: str, c: dict = c) -> str:
+            return "-" if not c[key] else f"{c[key] / 1e9:.3f}B"
+
+        pattern = row["layer_pattern"]
+        pattern = pattern if len(pattern) <= 28 else pattern[:25] + "..."
+        print(f"{row['name']:<14} {pattern:<28} {g('total'):>8} {g('embedding'):>7} {g('ple'):>7} "
+              f"{g('vision'):>7} {g('audio'):>7} {g('effective'):>8} {g('language_model'):>8} {g('active'):>7}")
+    return 0
+
+
+def cmd_init_checkpoint(args: argparse.Namespace) -> int:
+    from gemma4_onnx.exporter.init_checkpoint import init_checkpoint
+
+    out = init_checkpoint(args.variant, Path(args.out_dir), seed=args.seed, dtype=args.dtype, force=args.force)
+    say(f"checkpoint: {out}")
+    return 0
+
+
+def not_built(stage: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        raise NotBuiltYet(stage)
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma4-onnx", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gemma4-onnx {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    p = verb("variants", cmd_variants, "list the variants with layer pattern and parameter counts")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("init-checkpoint", cmd_init_checkpoint, "write a deterministic random checkpoint in HF layout")
+    p.add_argument("variant")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+
+    p = verb("export", not_built("export"), "export a checkpoint directory or a variant name to ONNX")
+    p.add_argument("source")
+    p.add_argument("out_dir")
+    p.add_argument("--recipe")
+    p.add_argument("--force", action="store_true")
+
+    p = verb("quantize", not_built("quantize"), "quantize an exported package per a recipe")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--recipe", default="int4")
+    p.add_argument("--calibration")
+    p.add_argument("--force", action="store_true")
+
+    p = verb("parity", not_built("parity"), "compare onnxruntime with transformers and write parity.json")
+    p.add_argument("model_dir")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--text")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--out")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("report", not_built("report"), "render parity reports side by side")
+    p.add_argument("report_dirs", nargs="+")
+    p.add_argument("--out")
+
+    p = verb("generate", not_built("generate"), "generate text with an exported package")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+    p = verb("mobile", not_built("mobile"), "package an export for ONNX Runtime Mobile")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+
+    p = verb("verify", not_built("verify"), "check a package's files, checksums and graphs")
+    p.add_argument("model_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_quiet(args.quiet)
+    try:
+        return int(args.handler(args))
+    except Gemma4OnnxError as exc:
+        if args.debug:
+            raise
+        print(f"gemma4-onnx {args.verb}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"gemma4-onnx {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"gemma4-onnx {args.verb}: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
