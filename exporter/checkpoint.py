@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gemma4_onnx.exporter.geometry import TextGeometry, text_geometry
-from gemma4_onnx.exporter.hf_model import expected_tensors, ignorable_tensors
-from gemma4_onnx.exporter.safetensors_io import DTYPES, TensorEntry, read_header
 from safetensors import safe_open
 
 from gemma4_onnx.errors import CheckpointError, ConfigError
+from gemma4_onnx.exporter.geometry import TextGeometry, text_geometry
+from gemma4_onnx.exporter.hf_model import expected_tensors, ignorable_tensors
+from gemma4_onnx.exporter.safetensors_io import DTYPES, TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -148,7 +148,8 @@ def _read_entries(directory: Path) -> dict[str, TensorEntry]:
     if weight_map is not None:
         for name, file in weight_map.items():
             if name not in entries or entries[name].file.name != file:
-                raise CheckpointError(f"{INDEX_FILE} places tensor {name} in {file}, which does not hold it")
+                raise CheckpointError(f"missing tensor {name} ({INDEX_FILE} places it in {file}, which does not "
+                                      "hold it)")
     return entries
 
 

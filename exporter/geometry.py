@@ -11,9 +11,8 @@ writes when it re-saves a config (architecture doc §3.3, §4.1).
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gemma4_onnx.exporter.variants import FULL, SLIDING
-
 from gemma4_onnx.errors import ConfigError
+from gemma4_onnx.exporter.variants import FULL, SLIDING
 
 KvMode = Literal["own", "store", "reuse"]
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from gemma4_onnx.atomic import publish_dir
 from gemma4_onnx.exporter.hf_model import STATE_PREFIX, expected_tensors
 from gemma4_onnx.exporter.safetensors_io import PlannedTensor, write_streaming
 from gemma4_onnx.exporter.tokenizer import write_tokenizer
 from gemma4_onnx.exporter.variants import get_variant
-
-from gemma4_onnx.atomic import publish_dir
 from gemma4_onnx.progress import progress
 
 CHUNK_VALUES = 1 << 24  # 16 M values (64 MB in fp32) generated at a time

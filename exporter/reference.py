@@ -1,9 +1,10 @@
 """transformers' Gemma 4 model loaded from a checkpoint: the PyTorch source of truth for parity."""
 
 import torch
+from transformers import Gemma4ForConditionalGeneration
+
 from gemma4_onnx.exporter.checkpoint import Checkpoint
 from gemma4_onnx.exporter.hf_model import expected_tensors, hf_config, quiet_transformers
-from transformers import Gemma4ForConditionalGeneration
 
 
 def load_reference_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Gemma4ForConditionalGeneration:

@@ -8,8 +8,6 @@ from gemma4_onnx.exporter.params import count_parameters
 from gemma4_onnx.exporter.variants import REGISTRY, Variant
 
 
-
-
 def published_comparison(variant: Variant, counts: dict[str, int | None]) -> dict[str, dict[str, float]]:
     """For each published figure: published value, ours, and the relative difference."""
     out = {}
