@@ -1,0 +1,257 @@
+"""``gemma4-onnx export``: a checkpoint (or a variant's random weights) → an ONNX package.
+
+    embed.onnx     token ids → inputs_embeds (+ per_layer_inputs on E-models)
+    ple.data       the per-layer embedding table, alone and page-aligned (E-models)
+    embed.data     token embedding (shared with the tied LM head) and the PLE projection
+    decoder.onnx   all layers, final norm, tied head, soft cap; KV caches only for cache-owning layers
+    decoder.data   the final norm
+    blocks/        each decoder layer as its own graph; blocks/layer_NN.data holds that layer's weights
+                   and decoder.onnx points into the same files (nothing is stored twice)
+    manifest.json  files + sha256, graph signatures, cache layout, source, versions (written last)
+
+Weights stream: each tensor is read from the source when its block is written and dropped after.
+Each distinct layer kind is traced once (see ``trace``); every other layer reuses its function.
+"""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from gemma4_onnx import __version__
+from gemma4_onnx.atomic import publish_dir
+from gemma4_onnx.exporter.decoder_layer import DecoderLayerBlock, layer_kind
+from gemma4_onnx.exporter.embed import EmbedBlock
+from gemma4_onnx.exporter.geometry import LayerSpec, TextGeometry
+from gemma4_onnx.exporter.head import HeadBlock
+from gemma4_onnx.exporter.hf_model import STATE_PREFIX
+from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
+from gemma4_onnx.exporter.weights import WeightSource, open_source
+from gemma4_onnx.graphs.compose import build_model, call, tensor_info
+from gemma4_onnx.graphs.external_data import DataFile
+from gemma4_onnx.graphs.manifest import graph_signature, write_manifest
+from gemma4_onnx.progress import progress
+
+FLOAT = onnx.TensorProto.FLOAT
+INT64 = onnx.TensorProto.INT64
+PLE_TABLE = STATE_PREFIX + "embed_tokens_per_layer.weight"
+EMBED_TABLE = STATE_PREFIX + "embed_tokens.weight"
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def block_file(index: int) -> str:
+    return f"blocks/layer_{index:02d}"
+
+
+def cache_names(spec: LayerSpec, prefix: str) -> list[str]:
+    parts = ["key_value"] if spec.k_eq_v else ["key", "value"]
+    return [f"{prefix}.{spec.index}.{part}" for part in parts]
+
+
+def cache_layout(geometry: TextGeometry) -> list[dict[str, Any]]:
+    """What the runtime must feed back: per cache-owning layer, its tensors and how long they grow."""
+    return [{
+        "layer": spec.index,
+        "attention": spec.attention,
+        "past": cache_names(spec, "past"),
+        "present": cache_names(spec, "present"),
+        "shape": ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim],
+        "max_length": geometry.sliding_window - 1 if spec.attention == "sliding" else None,
+        "k_eq_v": spec.k_eq_v,
+    } for spec in geometry.cache_layers]
+
+
+@dataclass
+class _Writer:
+    """Writes initializers into data files once; later graphs reuse the same external references."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.files: dict[str, DataFile] = {}
+        self.written: dict[str, onnx.TensorProto] = {}
+
+    def tensor(self, weights: WeightSource, name: str, location: str) -> onnx.TensorProto:
+        if name not in self.written:
+            if location not in self.files:
+                self.files[location] = DataFile(self.root, location)
+            value = weights.tensor(name, torch.float32).numpy()
+            self.written[name] = self.files[location].add(name, value)
+        return self.written[name]
+
+    def relocated(self, name: str, graph_dir: str) -> onnx.TensorProto:
+        """The initializer as seen from a graph in ``graph_dir`` (a subfolder of the package)."""
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(self.written[name])
+        for entry in tensor.external_data:
+            if entry.key == "location" and graph_dir:
+                entry.value = Path(entry.value).relative_to(graph_dir).as_posix()
+        return tensor
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def export_package(source: str, out_dir: Path, force: bool = False) -> Path:
+    weights = open_source(source)
+    with publish_dir(Path(out_dir), force=force) as staging:
+        writer = _Writer(staging)
+        try:
+            graphs = _export_graphs(weights, staging, writer)
+        finally:
+            writer.close()
+        _copy_side_files(weights, staging)
+        write_manifest(staging, {
+            "tool": {"name": "gemma4-onnx", "version": __version__},
+            "libraries": _library_versions(),
+            "source": weights.describe(),
+            "precision": "float32",
+            "text_config": weights.config["text_config"],
+            "token_ids": {k: v for k, v in weights.config.items() if k.endswith(("_token_id", "_token_index"))},
+            "graphs": graphs,
+            "cache": cache_layout(weights.geometry),
+            "ple": {"file": "ple.data", "tensor": PLE_TABLE} if weights.geometry.ple_dim else None,
+        })
+    return Path(out_dir)
+
+
+def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[str, Any]:
+    geometry = weights.geometry
+    translations: dict[Any, Any] = {}  # INTERIM: the ai.gemma4 ops register here when they land
+    graphs: dict[str, Any] = {}
+
+    embed = EmbedBlock(weights.config)
+    traced_embed = trace_block(embed, "embed", [torch.tensor([[2, 3, 4]])], ["input_ids"], embed.output_names,
+                               [{0: "batch", 1: "sequence"}])
+    embed_inputs = [tensor_info("input_ids", INT64, ["batch", "sequence"])]
+    embed_outputs = [tensor_info("inputs_embeds", FLOAT, ["batch", "sequence", geometry.hidden_size])]
+    if geometry.ple_dim:
+        embed_outputs.append(tensor_info("per_layer_inputs", FLOAT,
+                                         ["batch", "sequence", geometry.num_layers, geometry.ple_dim]))
+    names = [STATE_PREFIX + w for w in traced_embed.weights]
+    inits = [writer.tensor(weights, n, "ple.data" if n == PLE_TABLE else "embed.data") for n in names]
+    graphs["embed"] = _save(root, "embed.onnx", build_model(
+        "embed", embed_inputs, embed_outputs, [call(traced_embed.function, ["input_ids", *names],
+                                                    traced_embed.outputs, "embed")],
+        inits, [traced_embed.function, *traced_embed.functions]))
+
+    kinds: dict[tuple[Any, ...], TracedBlock] = {}
+    decoder_nodes: list[onnx.NodeProto] = []
+    decoder_functions: list[onnx.FunctionProto] = []
+    decoder_inits: dict[str, onnx.TensorProto] = {}
+    published: dict[int, list[str]] = {}
+    hidden = "inputs_embeds"
+    blocks = []
+    for spec in progress(geometry.layers, desc="exporting layers", unit="layer"):
+        block = DecoderLayerBlock(weights.config, spec)
+        prefix = f"{STATE_PREFIX}layers.{spec.index}."
+        kind = layer_kind(spec)
+        if kind not in kinds:
+            example_weights = {w: weights.tensor(prefix + w, torch.float32) for w in block_weights(block)}
+            kinds[kind] = trace_block(block, f"decoder_layer_{len(kinds)}", block.example_activations(),
+                                      block.activation_names, block.output_names, block.dynamic_axes,
+                                      translations, example_weights)
+        traced = kinds[kind]
+        location = block_file(spec.index) + ".data"
+        names = [prefix + w for w in traced.weights]
+        for n in names:
+            decoder_inits[n] = writer.tensor(weights, n, location)
+        blocks.append(_save_block(root, spec, traced, block, names, writer))
+        decoder_functions += [traced.function, *traced.functions]
+
+        inputs = [hidden]
+        if geometry.ple_dim:
+            ple = f"per_layer_inputs.{spec.index}"
+            decoder_nodes.append(onnx.helper.make_node("Gather", ["per_layer_inputs", f"layer_index.{spec.index}"],
+                                                       [ple], axis=2, name=f"per_layer_input_{spec.index}"))
+            decoder_inits[f"layer_index.{spec.index}"] = onnx.numpy_helper.from_array(
+                np.array(spec.index, dtype=np.int64), f"layer_index.{spec.index}")
+            inputs.append(ple)
+        inputs.append("position_ids")
+        if spec.owns_cache:
+            inputs += cache_names(spec, "past")
+        else:
+            assert spec.kv_producer is not None
+            inputs += published[spec.kv_producer]
+        hidden = f"hidden_states.{spec.index + 1}"
+        outputs = [hidden]
+        if spec.owns_cache:
+            outputs += cache_names(spec, "present")
+        if spec.kv_mode == "store":
+            published[spec.index] = [f"shared.{spec.index}.key", f"shared.{spec.index}.value"]
+            outputs += published[spec.index]
+        decoder_nodes.append(call(traced.function, [*inputs, *names], outputs, f"layer_{spec.index}"))
+
+    head = HeadBlock(weights.config)
+    traced_head = trace_block(head, "head", [torch.zeros(1, 3, geometry.hidden_size)], ["hidden_states"],
+                              ["logits"], [{0: "batch", 1: "sequence"}])
+    head_names = [STATE_PREFIX + w for w in traced_head.weights]
+    for n in head_names:
+        decoder_inits[n] = writer.tensor(weights, n, "embed.data" if n == EMBED_TABLE else "decoder.data")
+    decoder_nodes.append(call(traced_head.function, [hidden, *head_names], ["logits"], "head"))
+    decoder_functions += [traced_head.function, *traced_head.functions]
+
+    decoder_inputs = [tensor_info("inputs_embeds", FLOAT, ["batch", "sequence", geometry.hidden_size])]
+    if geometry.ple_dim:
+        decoder_inputs.append(tensor_info("per_layer_inputs", FLOAT,
+                                          ["batch", "sequence", geometry.num_layers, geometry.ple_dim]))
+    decoder_inputs.append(tensor_info("position_ids", INT64, ["batch", "sequence"]))
+    decoder_outputs = [tensor_info("logits", FLOAT, ["batch", "sequence", geometry.vocab_size])]
+    for spec in geometry.cache_layers:
+        past_len = "past_sequence" if spec.attention == "full" else f"past_sliding_{spec.index}"
+        for name in cache_names(spec, "past"):
+            decoder_inputs.append(tensor_info(name, FLOAT, ["batch", spec.num_kv_heads, past_len, spec.head_dim]))
+        for name in cache_names(spec, "present"):
+            decoder_outputs.append(tensor_info(name, FLOAT, ["batch", spec.num_kv_heads, None, spec.head_dim]))
+    graphs["decoder"] = _save(root, "decoder.onnx", build_model(
+        "decoder", decoder_inputs, decoder_outputs, decoder_nodes, list(decoder_inits.values()), decoder_functions))
+    graphs["blocks"] = blocks
+    return graphs
+
+
+def _save_block(root: Path, spec: LayerSpec, traced: TracedBlock, block: DecoderLayerBlock, names: list[str],
+                writer: _Writer) -> dict[str, Any]:
+    inputs = [tensor_info(n, t, s) for n, t, s in block.activation_infos()]
+    outputs = [tensor_info(n, t, s) for n, t, s in block.output_infos()]
+    inits = [writer.relocated(n, "blocks") for n in names]
+    model = build_model(f"layer_{spec.index}", inputs, outputs,
+                        [call(traced.function, [*block.activation_names, *names], traced.outputs, "layer")],
+                        inits, [traced.function, *traced.functions])
+    return {"layer": spec.index, **_save(root, block_file(spec.index) + ".onnx", model)}
+
+
+def _save(root: Path, relative: str, model: onnx.ModelProto) -> dict[str, Any]:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, path)
+    return {"file": relative, **graph_signature(model)}
+
+
+def _copy_side_files(weights: WeightSource, staging: Path) -> None:
+    checkpoint_dir = getattr(getattr(weights, "checkpoint", None), "directory", None)
+    if checkpoint_dir is not None:
+        for name in COPIED_FILES:
+            if (checkpoint_dir / name).is_file():
+                shutil.copyfile(checkpoint_dir / name, staging / name)
+        return
+    import json
+
+    from gemma4_onnx.exporter.tokenizer import write_tokenizer
+
+    (staging / "config.json").write_text(json.dumps(weights.config, indent=2) + "\n")
+    write_tokenizer(staging, weights.config["text_config"].get("max_position_embeddings", 8192))
+
+
+def _library_versions() -> dict[str, str]:
+    import onnxruntime
+    import onnxscript
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__}
+

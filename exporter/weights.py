@@ -1,0 +1,74 @@
+"""Where an export reads its weights: a checkpoint directory, or a variant name whose weights are
+generated on demand, tensor by tensor, exactly as ``init-checkpoint`` would write them (bf16
+rounding included), so exporting ``e2b`` equals exporting ``init-checkpoint e2b``'s output."""
+
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gemma4_onnx.errors import UsageError
+from gemma4_onnx.exporter.checkpoint import Checkpoint
+from gemma4_onnx.exporter.geometry import TextGeometry, text_geometry
+from gemma4_onnx.exporter.hf_model import expected_tensors
+from gemma4_onnx.exporter.init_checkpoint import DTYPES, random_chunks
+from gemma4_onnx.exporter.variants import REGISTRY, get_variant
+
+
+class WeightSource(Protocol):
+    config: dict[str, Any]
+    geometry: TextGeometry
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class RandomWeights:
+    def __init__(self, variant: str, seed: int = 0, dtype: str = "bfloat16") -> None:
+        self.variant = variant
+        self.seed = seed
+        self.dtype = dtype
+        self.config = get_variant(variant).config | {"dtype": dtype}
+        self.geometry = text_geometry(self.config)
+        self.shapes = {name: shape for name, (shape, _) in expected_tensors(self.config).items()}
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        shape = self.shapes[name]
+        value = torch.empty(math.prod(shape), dtype=DTYPES[self.dtype])
+        start = 0
+        for chunk in random_chunks(name, shape, self.seed):
+            value[start:start + chunk.numel()] = chunk
+            start += chunk.numel()
+        value = value.reshape(shape)
+        return value if dtype is None else value.to(dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "random", "variant": self.variant, "seed": self.seed, "dtype": self.dtype}
+
+
+class CheckpointWeights:
+    def __init__(self, directory: Path) -> None:
+        self.checkpoint = Checkpoint.open(directory)
+        self.config = self.checkpoint.config
+        self.geometry = self.checkpoint.geometry
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.checkpoint.tensor(name, dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "checkpoint", "path": str(self.checkpoint.directory.resolve())}
+
+
+def open_source(source: str) -> WeightSource:
+    """A checkpoint directory, or a variant name (random weights); anything else is refused."""
+    path = Path(source)
+    if path.is_dir():
+        return CheckpointWeights(path)
+    if source.lower() in REGISTRY:
+        return RandomWeights(source.lower())
+    if path.exists() or "/" in source:
+        raise UsageError(f"source {source} is not a checkpoint directory")
+    get_variant(source)  # raises with the nearest variant names
+    raise AssertionError

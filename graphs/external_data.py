@@ -1,0 +1,68 @@
+"""External-data files written by hand, tensor by tensor, in a layout this project chooses.
+
+onnx's own ``save_model(..., save_as_external_data=True)`` needs every tensor in memory at once, puts
+all of them in one file, and appends to an existing file. Gemma 4's per-layer embedding table must
+instead live alone in ``ple.data`` so a device can memory-map it and touch only the rows of the tokens
+in use; every other weight goes to other files. Large tensors start on 64 KiB boundaries (the
+allocation granularity onnxruntime needs to memory-map them on every OS); files are always written
+fresh, never appended to.
+"""
+
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+PAGE = 1 << 16  # 64 KiB: mmap granularity on Windows, a multiple of the 4 KiB page elsewhere
+SMALL_ALIGN = 64
+LARGE_TENSOR_BYTES = 1 << 20
+
+
+class DataFile:
+    """One external-data file being written; ``add`` returns an initializer that points into it."""
+
+    def __init__(self, directory: Path, location: str) -> None:
+        self.location = location
+        self.path = directory / location
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("xb")  # fresh, never appended to
+        self.offset = 0
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        data = np.ascontiguousarray(array)
+        nbytes = data.nbytes
+        align = PAGE if nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGN
+        pad = -self.offset % align
+        if pad:
+            self._file.write(b"\0" * pad)
+            self.offset += pad
+        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(data.dtype))
+        tensor.dims.extend(data.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "DataFile":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def external_entries(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def inline_tensor(name: str, array: np.ndarray) -> TensorProto:
+    """A small initializer kept inside the model file (shape constants, scalars)."""
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)

@@ -1,0 +1,93 @@
+"""An exported text package run by onnxruntime: the embed and decoder sessions and their caches.
+
+Gemma 4's cache is not one tensor per layer: only cache-owning layers have one (E2B: 15 of 35),
+sliding layers keep at most W−1 tokens (the decoder trims them itself), full K=V layers keep a single
+tensor. The manifest's cache layout says which; this module feeds each ``present`` back as ``past``.
+No torch here: numpy and onnxruntime only.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from gemma4_onnx.graphs.manifest import read_manifest
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
+@dataclass
+class Cache:
+    """The past tensors of every cache-owning layer, by decoder input name."""
+
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    length: int = 0  # tokens seen so far (position of the next token)
+
+
+class TextModel:
+    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        options = session_options(threads)
+        providers = ["CPUExecutionProvider"]
+        self.embed = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["embed"]["file"]), options,
+                                          providers=providers)
+        self.decoder = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["decoder"]["file"]),
+                                            options, providers=providers)
+        self.cache_layout: list[dict[str, Any]] = self.manifest["cache"]
+        self.vocab_size = int(self.manifest["text_config"]["vocab_size"])
+        self.eos_ids = _as_list(self.manifest["text_config"].get("eos_token_id"))
+
+    def empty_cache(self, batch: int) -> Cache:
+        tensors = {}
+        for layer in self.cache_layout:
+            _, heads, _, dim = layer["shape"]
+            for name in layer["past"]:
+                tensors[name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
+        return Cache(tensors)
+
+    def forward(self, input_ids: np.ndarray, cache: Cache) -> np.ndarray:
+        """Logits [B, S, V] for ``input_ids`` [B, S] after ``cache``; the cache advances in place."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch, length = input_ids.shape
+        embedded = self.embed.run(None, {"input_ids": input_ids})
+        feeds = {"inputs_embeds": embedded[0]}
+        if len(embedded) > 1:
+            feeds["per_layer_inputs"] = embedded[1]
+        feeds["position_ids"] = np.broadcast_to(
+            np.arange(cache.length, cache.length + length, dtype=np.int64), (batch, length)).copy()
+        feeds.update(cache.tensors)
+        names = [o.name for o in self.decoder.get_outputs()]
+        outputs = dict(zip(names, self.decoder.run(names, feeds), strict=True))
+        for layer in self.cache_layout:
+            for past, present in zip(layer["past"], layer["present"], strict=True):
+                cache.tensors[past] = outputs[present]
+        cache.length += length
+        return outputs["logits"]
+
+    def greedy(self, prompt: list[int], steps: int) -> list[int]:
+        """``steps`` greedy tokens after ``prompt``: one prefill, then one decode step per token."""
+        cache = self.empty_cache(1)
+        logits = self.forward(np.array([prompt]), cache)
+        tokens: list[int] = []
+        for _ in range(steps):
+            token = int(np.argmax(logits[0, -1]))
+            tokens.append(token)
+            if len(tokens) == steps:
+                break
+            logits = self.forward(np.array([[token]]), cache)
+        return tokens
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
