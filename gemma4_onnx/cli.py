@@ -45,6 +45,38 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.recipe:
+        raise NotBuiltYet("export --recipe (streaming quantization)")
+    from gemma4_onnx.exporter.package import export_package
+
+    out = export_package(args.source, Path(args.out_dir), force=args.force)
+    say(f"package: {out}")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from gemma4_onnx.parity_run import run_parity, summary, write_report
+
+    model_dir = Path(args.model_dir)
+    result = run_parity(model_dir, Path(args.checkpoint), Path(args.text) if args.text else None, args.steps)
+    out = Path(args.out) if args.out else model_dir.parent / f"{model_dir.name}.parity"
+    path = write_report(result, out)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        say(summary(result))
+    say(f"parity: {path}")
+    return 0 if result["passed"] else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gemma4_onnx.runtime.generate import generate
+
+    generate(Path(args.model_dir), args.prompt, args.max_new_tokens)
+    return 0
+
+
 def not_built(stage: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         raise NotBuiltYet(stage)
@@ -75,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
-    p = verb("export", not_built("export"), "export a checkpoint directory or a variant name to ONNX")
+    p = verb("export", cmd_export, "export a checkpoint directory or a variant name to ONNX")
     p.add_argument("source")
     p.add_argument("out_dir")
     p.add_argument("--recipe")
@@ -88,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration")
     p.add_argument("--force", action="store_true")
 
-    p = verb("parity", not_built("parity"), "compare onnxruntime with transformers and write parity.json")
+    p = verb("parity", cmd_parity, "compare onnxruntime with transformers and write parity.json")
     p.add_argument("model_dir")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text")
@@ -100,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("report_dirs", nargs="+")
     p.add_argument("--out")
 
-    p = verb("generate", not_built("generate"), "generate text with an exported package")
+    p = verb("generate", cmd_generate, "generate text with an exported package")
     p.add_argument("model_dir")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -1,0 +1,177 @@
+"""``gemma4-onnx parity``: onnxruntime against transformers on the same weights → ``parity.json``.
+
+Teacher-forced: the first 4096 tokens of the text in windows of 512 (sequences run past the sliding
+window). Greedy: ``steps`` tokens from a 128-token prompt, through the decode path on both sides.
+Blocks: every exported decoder layer fed the reference's own inputs to that layer.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from gemma4_onnx import tolerances
+from gemma4_onnx.errors import UsageError
+from gemma4_onnx.progress import progress
+from gemma4_onnx.runtime.blocks import run_block
+from gemma4_onnx.runtime.parity import LogitStats, block_parity, greedy_match_steps, windows
+from gemma4_onnx.runtime.text_model import TextModel
+
+EVAL_TOKENS = 4096
+WINDOW = 512
+PROMPT_TOKENS = 128
+
+BUILTIN_TEXT = '''import json
+import os
+from pathlib import Path
+
+
+def read_config(path):
+    """Read a JSON configuration file and return its contents as a dictionary."""
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected an object, got {type(config).__name__}")
+    return config
+
+
+def merge(base, override):
+    """Merge two configuration dictionaries, recursing into nested dictionaries."""
+    result = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+class Settings:
+    """Settings loaded from a directory of JSON files, later files overriding earlier ones."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.values = {}
+        for name in sorted(os.listdir(self.directory)):
+            if name.endswith(".json"):
+                self.values = merge(self.values, read_config(self.directory / name))
+
+    def get(self, key, default=None):
+        node = self.values
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+'''
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UsageError(f"{model_dir}: no tokenizer.json in the package")
+    return Tokenizer.from_file(str(path))
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def run_parity(model_dir: Path, checkpoint: Path, text_file: Path | None, steps: int) -> dict[str, Any]:
+    from gemma4_onnx.exporter.reference_outputs import Reference
+
+    if steps < 0:
+        raise UsageError(f"--steps must be ≥ 0, got {steps}")
+    model = TextModel(model_dir)
+    reference = Reference(str(checkpoint))
+    tokenizer = load_tokenizer(model_dir)
+    if text_file is not None:
+        if not text_file.is_file():
+            raise UsageError(f"--text {text_file} does not exist")
+        text = text_file.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = BUILTIN_TEXT
+    tokens = encode(tokenizer, text)
+    if len(tokens) < 2:
+        raise UsageError("the evaluation text has fewer than 2 tokens")
+
+    stats = LogitStats()
+    cuts = windows(tokens, WINDOW, EVAL_TOKENS)
+    for window in progress(cuts, desc="teacher-forced windows", unit="window"):
+        cache = model.empty_cache(1)
+        onnx_logits = model.forward([window], cache)[0]
+        reference_logits = reference.logits(window)
+        target_bytes = len(tokenizer.decode(window[1:], skip_special_tokens=False).encode("utf-8"))
+        stats.add(reference_logits[:-1], onnx_logits[:-1], np.array(window[1:]), target_bytes)
+
+    prompt = tokens[:PROMPT_TOKENS]
+    reference_tokens = reference.greedy(prompt, steps) if steps else []
+    onnx_tokens = model.greedy(prompt, steps) if steps else []
+
+    blocks = []
+    records = reference.block_io(cuts[0])
+    for spec, record in progress(list(zip(reference.geometry.layers, records, strict=True)),
+                                 desc="blocks", unit="block"):
+        out = run_block(model_dir, model.manifest, spec.index, record["feeds"])
+        blocks.append({"layer": spec.index, **block_parity(f"decoder_layer.{spec.index}", record["output"],
+                                                           out["hidden_states_out"])})
+
+    result: dict[str, Any] = {
+        "model_dir": str(model_dir.resolve()),
+        "checkpoint": str(checkpoint.resolve()),
+        "precision": model.manifest.get("precision"),
+        "text": {
+            **stats.as_dict(),
+            "windows": len(cuts),
+            "window_tokens": WINDOW,
+            "greedy_steps": steps,
+            "greedy_match_steps": greedy_match_steps(reference_tokens, onnx_tokens),
+            "greedy_reference": reference_tokens,
+            "greedy_onnx": onnx_tokens,
+            "prompt_tokens": len(prompt),
+            "text_source": str(text_file) if text_file else "built-in",
+        },
+        "blocks": blocks,
+    }
+    result["checks"] = fp32_checks(result) if result["precision"] == "float32" else []
+    result["passed"] = all(c["passed"] for c in result["checks"])
+    return result
+
+
+def fp32_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    text = result["text"]
+    worst_cosine = min((b["cosine"] for b in result["blocks"]), default=1.0)
+    checks = [
+        ("text.greedy_match_steps == text.greedy_steps", text["greedy_match_steps"] == text["greedy_steps"]),
+        (f"text.max_abs_logit_diff <= {tolerances.TEXT_FP32_MAX_ABS_LOGIT_DIFF}",
+         text["max_abs_logit_diff"] <= tolerances.TEXT_FP32_MAX_ABS_LOGIT_DIFF),
+        (f"text.kl_mean <= {tolerances.TEXT_FP32_KL_MEAN}", text["kl_mean"] <= tolerances.TEXT_FP32_KL_MEAN),
+        (f"blocks[*].cosine >= {tolerances.BLOCK_FP32_MIN_COSINE}", worst_cosine >= tolerances.BLOCK_FP32_MIN_COSINE),
+    ]
+    return [{"check": name, "passed": bool(ok)} for name, ok in checks]
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "parity.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def summary(result: dict[str, Any]) -> str:
+    t = result["text"]
+    worst = min(result["blocks"], key=lambda b: b["cosine"]) if result["blocks"] else None
+    lines = [
+        f"max |Δlogit| {t['max_abs_logit_diff']:.3g}   KL {t['kl_mean']:.3g} nats   top-1 {t['top1_agreement']:.4f}",
+        f"bits/byte reference {t['bits_per_byte_reference']:.4f}   onnx {t['bits_per_byte_onnx']:.4f}",
+        f"greedy {t['greedy_match_steps']}/{t['greedy_steps']} steps identical",
+    ]
+    if worst:
+        lines.append(f"blocks: {len(result['blocks'])}, lowest cosine {worst['cosine']:.8f} ({worst['name']})")
+    for check in result["checks"]:
+        lines.append(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}")
+    return "\n".join(lines)
