@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer
 
+from gemma4_onnx.exporter import layer_ops
 from gemma4_onnx.exporter.geometry import LayerSpec, text_geometry
 from gemma4_onnx.exporter.hf_model import hf_config, quiet_transformers
-from gemma4_onnx.exporter import layer_ops
 
 FLOAT = onnx.TensorProto.FLOAT
 INT64 = onnx.TensorProto.INT64
@@ -68,7 +68,7 @@ class DecoderLayerBlock(nn.Module):
         names = ["hidden_states", *(["per_layer_input"] if self.ple_dim else []), "position_ids"]
         if self.spec.owns_cache:
             return names + [f"past_{p}" for p in self.cache_parts]
-        return names + ["shared_key", "shared_value"]
+        return [*names, "shared_key", "shared_value"]
 
     @property
     def output_names(self) -> list[str]:

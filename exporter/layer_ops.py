@@ -51,7 +51,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, q_norm: torch.Tensor,
            k_norm: torch.Tensor, position_ids: torch.Tensor, past: list[torch.Tensor], *, num_heads: int,
-           spec: LayerSpec, sliding_window: int, eps: float) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+           spec: LayerSpec, sliding_window: int,
+           eps: float) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     b, s = query.shape[:2]
     d = spec.head_dim
     q = _rope(_rms(query.view(b, s, num_heads, d), eps) * q_norm, position_ids, spec).transpose(1, 2)

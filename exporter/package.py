@@ -70,6 +70,7 @@ class _Writer:
     """Writes initializers into data files once; later graphs reuse the same external references."""
 
     root: Path
+    structure_only: bool = False
 
     def __post_init__(self) -> None:
         self.files: dict[str, DataFile] = {}
@@ -78,9 +79,12 @@ class _Writer:
     def tensor(self, weights: WeightSource, name: str, location: str) -> onnx.TensorProto:
         if name not in self.written:
             if location not in self.files:
-                self.files[location] = DataFile(self.root, location)
-            value = weights.tensor(name, torch.float32).numpy()
-            self.written[name] = self.files[location].add(name, value)
+                self.files[location] = DataFile(self.root, location, write=not self.structure_only)
+            if self.structure_only:
+                self.written[name] = self.files[location].reserve(name, weights.shape(name), np.dtype(np.float32))
+            else:
+                value = weights.tensor(name, torch.float32).numpy()
+                self.written[name] = self.files[location].add(name, value)
         return self.written[name]
 
     def relocated(self, name: str, graph_dir: str) -> onnx.TensorProto:
@@ -97,10 +101,13 @@ class _Writer:
             f.close()
 
 
-def export_package(source: str, out_dir: Path, force: bool = False) -> Path:
+def export_package(source: str, out_dir: Path, force: bool = False, structure_only: bool = False) -> Path:
+    """Export ``source``; with ``structure_only`` the graphs, signatures and cache layout are written but
+    no weight data (full-size variants whose fp32 weights would not fit the disk): such a package
+    documents and checks the structure, it cannot run."""
     weights = open_source(source)
     with publish_dir(Path(out_dir), force=force) as staging:
-        writer = _Writer(staging)
+        writer = _Writer(staging, structure_only)
         try:
             graphs = _export_graphs(weights, staging, writer)
         finally:
@@ -111,6 +118,7 @@ def export_package(source: str, out_dir: Path, force: bool = False) -> Path:
             "libraries": _library_versions(),
             "source": weights.describe(),
             "precision": "float32",
+            "weights": "none: structure only" if structure_only else "complete",
             "text_config": weights.config["text_config"],
             "token_ids": {k: v for k, v in weights.config.items() if k.endswith(("_token_id", "_token_index"))},
             "graphs": graphs,
@@ -152,7 +160,8 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
         prefix = f"{STATE_PREFIX}layers.{spec.index}."
         kind = layer_kind(spec)
         if kind not in kinds:
-            example_weights = {w: weights.tensor(prefix + w, torch.float32) for w in block_weights(block)}
+            example_weights = {w: torch.zeros(weights.shape(prefix + w)) if writer.structure_only
+                               else weights.tensor(prefix + w, torch.float32) for w in block_weights(block)}
             kinds[kind] = trace_block(block, f"decoder_layer_{len(kinds)}", block.example_activations(),
                                       block.activation_names, block.output_names, block.dynamic_axes,
                                       translations, example_weights)

@@ -24,7 +24,6 @@ from torch.func import functional_call
 from gemma4_onnx.graphs.compose import BLOCK_DOMAIN
 
 
-
 @dataclass(frozen=True)
 class TracedBlock:
     """One traced block: its function, the custom-op functions it calls, and its signature."""

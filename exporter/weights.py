@@ -22,6 +22,8 @@ class WeightSource(Protocol):
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -44,6 +46,9 @@ class RandomWeights:
         value = value.reshape(shape)
         return value if dtype is None else value.to(dtype)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "random", "variant": self.variant, "seed": self.seed, "dtype": self.dtype}
 
@@ -56,6 +61,9 @@ class CheckpointWeights:
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.checkpoint.tensor(name, dtype)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.checkpoint.entries[name].shape
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "checkpoint", "path": str(self.checkpoint.directory.resolve())}

@@ -23,24 +23,34 @@ LARGE_TENSOR_BYTES = 1 << 20
 class DataFile:
     """One external-data file being written; ``add`` returns an initializer that points into it."""
 
-    def __init__(self, directory: Path, location: str) -> None:
+    def __init__(self, directory: Path, location: str, write: bool = True) -> None:
         self.location = location
         self.path = directory / location
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("xb")  # fresh, never appended to
+        self._file = None
+        if write:  # without writing, only the layout is computed (structure-only exports)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("xb")  # fresh, never appended to
         self.offset = 0
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         data = np.ascontiguousarray(array)
-        nbytes = data.nbytes
+        return self._place(name, data.shape, data.dtype, memoryview(data.reshape(-1).view(np.uint8)))
+
+    def reserve(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> TensorProto:
+        """The initializer ``add`` would return, without data."""
+        return self._place(name, shape, np.dtype(dtype), None)
+
+    def _place(self, name: str, shape: tuple[int, ...], dtype: np.dtype, data: memoryview | None) -> TensorProto:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         align = PAGE if nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGN
         pad = -self.offset % align
-        if pad:
+        if self._file is not None:
             self._file.write(b"\0" * pad)
-            self.offset += pad
-        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
-        tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(data.dtype))
-        tensor.dims.extend(data.shape)
+            assert data is not None
+            self._file.write(data)
+        self.offset += pad
+        tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
+        tensor.dims.extend(shape)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(nbytes))):
             entry = tensor.external_data.add()
@@ -49,7 +59,8 @@ class DataFile:
         return tensor
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> "DataFile":
         return self

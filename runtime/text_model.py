@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from gemma4_onnx.errors import UsageError
 from gemma4_onnx.graphs.manifest import read_manifest
 
 
@@ -36,6 +37,7 @@ class TextModel:
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
+        check_files_present(self.directory, self.manifest)
         options = session_options(threads)
         providers = ["CPUExecutionProvider"]
         self.embed = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["embed"]["file"]), options,
@@ -85,6 +87,19 @@ class TextModel:
                 break
             logits = self.forward(np.array([[token]]), cache)
         return tokens
+
+
+def check_files_present(directory: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is there with its size, before onnxruntime reads any of them."""
+    ple_file = (manifest.get("ple") or {}).get("file")
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        what = " (the per-layer embedding table)" if name == ple_file else ""
+        if not path.is_file():
+            raise UsageError(f"{directory}: package file {name}{what} is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise UsageError(f"{directory}: package file {name}{what} has {path.stat().st_size} bytes, "
+                             f"the manifest says {entry['bytes']}")
 
 
 def _as_list(value: Any) -> list[int]:
