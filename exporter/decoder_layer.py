@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer
 
-from gemma4_onnx.exporter import layer_ops
 from gemma4_onnx.exporter.geometry import LayerSpec, text_geometry
 from gemma4_onnx.exporter.hf_model import hf_config, quiet_transformers
+from gemma4_onnx.graphs import keqv_attention, topk_moe  # noqa: F401  (registers torch.ops.gemma4.*)
 
 FLOAT = onnx.TensorProto.FLOAT
 INT64 = onnx.TensorProto.INT64
@@ -45,7 +45,7 @@ class DecoderLayerBlock(nn.Module):
         text = hf_config(config).get_text_config()
         geometry = text_geometry(config)
         with quiet_transformers(), torch.device("meta"):
-            layer = Gemma4TextDecoderLayer(text, spec.index)
+            layer = Gemma4TextDecoderLayer(text, spec.index)  # type: ignore[arg-type]
         for name, child in layer.named_children():
             self.add_module(name, child)
         self.register_buffer("layer_scalar", layer.layer_scalar)
@@ -123,41 +123,51 @@ class DecoderLayerBlock(nn.Module):
     # --- forward --------------------------------------------------------------------------------------
     def forward(self, *activations: torch.Tensor) -> tuple[torch.Tensor, ...]:
         named = dict(zip(self.activation_names, activations, strict=True))
+        layer: Any = self  # transformers' submodules, attached by name
         hidden = named["hidden_states"]
         residual = hidden
-        attn = self.self_attn
-        h = self.input_layernorm(hidden)
+        attn = layer.self_attn
+        h = layer.input_layernorm(hidden)
         query = attn.q_proj(h)
-        if self.spec.owns_cache:
-            key = attn.k_proj(h)
-            value = None if self.spec.k_eq_v else attn.v_proj(h)
-            past = [named[f"past_{p}"] for p in self.cache_parts]
-            out, presents, published = layer_ops.attend(
-                query, key, value, attn.q_norm.weight, attn.k_norm.weight, named["position_ids"], past,
-                num_heads=self.num_heads, spec=self.spec, sliding_window=self.sliding_window, eps=self.eps)
-        else:
-            out, presents, published = layer_ops.attend_shared(
+        s = self.spec
+        geometry = (self.num_heads, s.num_kv_heads, s.head_dim, self.sliding_window, s.rope_theta, s.rope_fraction,
+                    self.eps)
+        if not s.owns_cache:
+            out, *_ = torch.ops.gemma4.keqv_attention(
                 query, attn.q_norm.weight, named["position_ids"], named["shared_key"], named["shared_value"],
-                num_heads=self.num_heads, spec=self.spec, sliding_window=self.sliding_window, eps=self.eps)
-        hidden = residual + self.post_attention_layernorm(attn.o_proj(out))
+                None, None, None, "reuse", *geometry)
+        elif s.k_eq_v:
+            out, _, present_value, keys, values = torch.ops.gemma4.keqv_attention(
+                query, attn.q_norm.weight, named["position_ids"], attn.k_proj(h), None, attn.k_norm.weight,
+                None, named["past_key_value"], "keqv", *geometry)
+            presents = [present_value]
+        else:
+            out, present_key, present_value, keys, values = torch.ops.gemma4.keqv_attention(
+                query, attn.q_norm.weight, named["position_ids"], attn.k_proj(h), attn.v_proj(h),
+                attn.k_norm.weight, named["past_key"], named["past_value"], "kv", *geometry)
+            presents = [present_key, present_value]
+        hidden = residual + layer.post_attention_layernorm(attn.o_proj(out))
 
         residual = hidden
-        h = self.mlp(self.pre_feedforward_layernorm(hidden))
+        h = layer.mlp(layer.pre_feedforward_layernorm(hidden))
         if self.enable_moe_block:
             flat = residual.reshape(-1, residual.shape[-1])
-            routed = layer_ops.route(flat, self.pre_feedforward_layernorm_2(flat), self.router, self.experts,
-                                    top_k=self.top_k, eps=self.eps)
-            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(routed.reshape(residual.shape))
-        hidden = residual + self.post_feedforward_layernorm(h)
+            router, experts = layer.router, layer.experts
+            routed = torch.ops.gemma4.topk_moe(flat, layer.pre_feedforward_layernorm_2(flat), router.scale,
+                                               router.proj.weight, router.per_expert_scale, experts.gate_up_proj,
+                                               experts.down_proj, self.top_k, self.eps)
+            routed = layer.post_feedforward_layernorm_2(routed.reshape(residual.shape))
+            h = layer.post_feedforward_layernorm_1(h) + routed
+        hidden = residual + layer.post_feedforward_layernorm(h)
 
         if self.ple_dim:
             residual = hidden
-            gate = self.act_fn(self.per_layer_input_gate(hidden)) * named["per_layer_input"]
-            hidden = residual + self.post_per_layer_input_norm(self.per_layer_projection(gate))
-        hidden = hidden * self.layer_scalar
+            gate = layer.act_fn(layer.per_layer_input_gate(hidden)) * named["per_layer_input"]
+            hidden = residual + layer.post_per_layer_input_norm(layer.per_layer_projection(gate))
+        hidden = hidden * layer.layer_scalar
 
-        outputs = [hidden, *presents] if self.spec.owns_cache else [hidden]
-        if self.spec.kv_mode == "store":
-            outputs += published
+        outputs = [hidden, *presents] if s.owns_cache else [hidden]
+        if s.kv_mode == "store":
+            outputs += [keys, values]
         return tuple(outputs)
 

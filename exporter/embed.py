@@ -32,7 +32,7 @@ class EmbedBlock(nn.Module):
         super().__init__()
         text_config = {**config["text_config"], "vocab_size": vocab_size, "vocab_size_per_layer_input": vocab_size}
         with quiet_transformers(), torch.device("meta"):
-            text = Gemma4TextModel(hf_config({**config, "text_config": text_config}).get_text_config())
+            text = Gemma4TextModel(hf_config({**config, "text_config": text_config}).get_text_config())  # type: ignore[arg-type]
         self.config = text.config
         self.hidden_size_per_layer_input = text.hidden_size_per_layer_input
         self.pad_token_id = text.padding_idx
@@ -48,7 +48,7 @@ class EmbedBlock(nn.Module):
         self.to_empty(device="cpu")  # weights arrive as function inputs; restore the computed buffers
         for module in self.modules():
             if isinstance(module, Gemma4TextScaledWordEmbedding):
-                module.embed_scale = torch.tensor(module.scalar_embed_scale)
+                module.embed_scale = torch.tensor(module.scalar_embed_scale)  # type: ignore[assignment]
         self.placeholder_ids = torch.tensor([p for p in placeholders if p is not None])
 
     @property
@@ -57,7 +57,7 @@ class EmbedBlock(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         is_placeholder = (input_ids.unsqueeze(-1) == self.placeholder_ids).any(-1)
-        llm_ids = torch.where(is_placeholder, torch.full_like(input_ids, self.pad_token_id), input_ids)
+        llm_ids = torch.where(is_placeholder, torch.full_like(input_ids, self.pad_token_id or 0), input_ids)
         inputs_embeds = self.embed_tokens(llm_ids)
         if not self.hidden_size_per_layer_input:
             return (inputs_embeds,)

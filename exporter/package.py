@@ -130,7 +130,6 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
 
 def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[str, Any]:
     geometry = weights.geometry
-    translations: dict[Any, Any] = {}  # INTERIM: the ai.gemma4 ops register here when they land
     graphs: dict[str, Any] = {}
 
     embed = EmbedBlock(weights.config)
@@ -164,7 +163,7 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
                                else weights.tensor(prefix + w, torch.float32) for w in block_weights(block)}
             kinds[kind] = trace_block(block, f"decoder_layer_{len(kinds)}", block.example_activations(),
                                       block.activation_names, block.output_names, block.dynamic_axes,
-                                      translations, example_weights)
+                                      example_weights)
         traced = kinds[kind]
         location = block_file(spec.index) + ".data"
         names = [prefix + w for w in traced.weights]

@@ -12,6 +12,10 @@ from gemma4_onnx.exporter.geometry import LayerSpec
 from gemma4_onnx.exporter.reference import load_reference_model
 
 
+def index(layer: torch.nn.Module) -> int:
+    return int(layer.layer_idx)  # type: ignore[arg-type]
+
+
 class Reference:
     def __init__(self, checkpoint_dir: str) -> None:
         self.checkpoint = Checkpoint.open(checkpoint_dir)
@@ -42,7 +46,7 @@ class Reference:
         records: list[dict[str, Any]] = [{} for _ in layers]
 
         def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            spec: LayerSpec = self.geometry.layers[module.layer_idx]
+            spec: LayerSpec = self.geometry.layers[index(module)]
             feeds = {"hidden_states": args[0].numpy().copy(), "position_ids": kwargs["position_ids"].numpy().copy()}
             per_layer_input = args[1] if len(args) > 1 else kwargs.get("per_layer_input")
             if per_layer_input is not None:
@@ -53,11 +57,11 @@ class Reference:
             else:
                 key, value = kwargs["shared_kv_states"][self.model.config.get_text_config().layer_types[spec.index]]
                 feeds["shared_key"], feeds["shared_value"] = key.numpy().copy(), value.numpy().copy()
-            records[module.layer_idx]["feeds"] = feeds
+            records[index(module)]["feeds"] = feeds
 
         def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            records[module.layer_idx]["output"] = hidden.numpy().copy()
+            records[index(module)]["output"] = hidden.numpy().copy()
 
         handles = [h for layer in layers for h in (layer.register_forward_pre_hook(before, with_kwargs=True),
                                                     layer.register_forward_hook(after, with_kwargs=True))]

@@ -22,6 +22,7 @@ from onnx import helper
 from torch.func import functional_call
 
 from gemma4_onnx.graphs.compose import BLOCK_DOMAIN
+from gemma4_onnx.graphs.domain import export as export_with_functions
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class _WeightsAsInputs(torch.nn.Module):
 
 def block_weights(block: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer of ``block`` by name: the weights of its function."""
-    named = dict(block.named_parameters())
+    named: dict[str, torch.Tensor] = dict(block.named_parameters())
     named.update({n: b for n, b in block.named_buffers() if n.rsplit(".", 1)[-1] not in _non_persistent(block)})
     return named
 
@@ -78,8 +79,7 @@ def _quiet_export() -> Iterator[None]:
 
 def trace_block(block: torch.nn.Module, name: str, activations: Sequence[torch.Tensor],
                 activation_names: Sequence[str], output_names: Sequence[str],
-                dynamic: Sequence[dict[int, str]], translations: dict[Any, Any] | None = None,
-                weights: dict[str, torch.Tensor] | None = None) -> TracedBlock:
+                dynamic: Sequence[dict[int, str]], weights: dict[str, torch.Tensor] | None = None) -> TracedBlock:
     """Trace ``block`` on example ``activations`` (dims named in ``dynamic`` stay symbolic). ``weights``
     (real tensors by name) stand in for the block's own, which may live on the meta device."""
     weights = weights if weights is not None else block_weights(block)
@@ -87,9 +87,8 @@ def trace_block(block: torch.nn.Module, name: str, activations: Sequence[torch.T
     example = (list(activations), [w.detach() for w in weights.values()])
     dynamic_shapes = ([{axis: torch.export.Dim.DYNAMIC for axis in dims} for dims in dynamic], [None] * len(weights))
     with _quiet_export(), torch.no_grad():
-        program = torch.onnx.export(wrapper, example, dynamo=True, optimize=True, verbose=False,
-                                    dynamic_shapes=dynamic_shapes, custom_translation_table=translations or {},
-                                    report=False)
+        program = export_with_functions(wrapper, example, optimize=True, verbose=False,
+                                        dynamic_shapes=dynamic_shapes, report=False)
     assert program is not None
     model = program.model_proto
     graph_inputs = [i.name for i in model.graph.input]

@@ -25,9 +25,9 @@ def call(function: onnx.FunctionProto, inputs: Sequence[str], outputs: Sequence[
 
 
 def unique_functions(functions: Sequence[onnx.FunctionProto]) -> list[onnx.FunctionProto]:
-    seen: dict[tuple[str, str], onnx.FunctionProto] = {}
+    seen: dict[tuple[str, str, str], onnx.FunctionProto] = {}
     for fn in functions:
-        key = (fn.domain, fn.name)
+        key = (fn.domain, fn.name, fn.overload)
         if key in seen and seen[key].SerializeToString() != fn.SerializeToString():
             raise ValueError(f"two different functions named {fn.domain}::{fn.name}")
         seen.setdefault(key, fn)

@@ -34,7 +34,7 @@ class DataFile:
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         data = np.ascontiguousarray(array)
-        return self._place(name, data.shape, data.dtype, memoryview(data.reshape(-1).view(np.uint8)))
+        return self._place(name, data.shape, data.dtype, memoryview(data.reshape(-1).view(np.uint8).data))
 
     def reserve(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> TensorProto:
         """The initializer ``add`` would return, without data."""

@@ -66,7 +66,7 @@ def greedy_match_steps(reference: list[int], onnx: list[int]) -> int:
 def block_parity(name: str, reference: np.ndarray, onnx: np.ndarray) -> dict[str, float | str]:
     a = reference.astype(np.float64).ravel()
     b = onnx.astype(np.float64).ravel()
-    cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
+    cosine = float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-300)
     return {"name": name, "max_abs_diff": float(np.abs(a - b).max()), "cosine": cosine}
 
 

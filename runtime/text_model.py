@@ -56,7 +56,7 @@ class TextModel:
                 tensors[name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
         return Cache(tensors)
 
-    def forward(self, input_ids: np.ndarray, cache: Cache) -> np.ndarray:
+    def forward(self, input_ids: np.ndarray | list[list[int]], cache: Cache) -> np.ndarray:
         """Logits [B, S, V] for ``input_ids`` [B, S] after ``cache``; the cache advances in place."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, length = input_ids.shape

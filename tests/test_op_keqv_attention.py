@@ -1,0 +1,93 @@
+"""KEqVAttention: torch reference vs transformers' Gemma4TextAttention (eager, DynamicCache, KV
+sharing) vs onnxruntime running the exported ai.gemma4::KEqVAttention, in fp32.
+
+The cases (op_harness): transformers layers S F S F, the last two KV-shared, a prefill of ``past``
+tokens then the step under test. The op is compared on its output (the o_proj input), its present
+cache(s) and the K/V it attended with.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma4_onnx.graphs import keqv_attention
+
+from op_harness import (
+    CASES,
+    LAYER_TYPES,
+    WINDOW,
+    assert_close,
+    exported_attention,
+    op_call,
+    op_inputs,
+    positions,
+    register_report,
+    transformers_run,
+)
+
+OP = "KEqVAttention"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request: pytest.FixtureRequest) -> None:
+    register_report(request.config)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3], ids=["sliding", "full", "sliding-reuse", "full-reuse"])
+@pytest.mark.parametrize(("geometry", "scenario"), CASES, ids=[f"{g}-{s}" for g, s in CASES])
+def test_three_way(geometry: str, scenario: str, layer: int) -> None:
+    mode, attributes = op_call(geometry, layer)
+    inputs = op_inputs(geometry, scenario, layer)
+    run = transformers_run(geometry, scenario)
+    layer_type = LAYER_TYPES[layer]
+
+    reference = keqv_attention.keqv_attention(
+        inputs["query"],
+        inputs["q_norm_weight"],
+        inputs["position_ids"],
+        inputs.get("key"),
+        inputs.get("value"),
+        inputs.get("k_norm_weight"),
+        inputs.get("past_key"),
+        inputs.get("past_value"),
+        mode=mode,
+        **attributes,
+    )
+    onnx_outputs = exported_attention(geometry, layer).run(**inputs)
+
+    expected: dict[int, torch.Tensor] = {0: run["output"][layer]}
+    if mode != "reuse":
+        present_key, present_value = run["present"][layer]
+        key_states, value_states = run["shared"][layer_type]
+        expected |= {2: present_value, 3: key_states, 4: value_states}
+        if mode == "kv":
+            expected[1] = present_key
+        else:  # K=V keeps one cache: the values; transformers' cached keys are what the op recomputes
+            assert reference[1].numel() == 0
+            recomputed = reference[3][:, :, -present_key.shape[2] :]
+            assert_close(OP, "K=V recomputed keys vs transformers cache", recomputed, present_key)
+    onnx_index = {"kv": [0, 1, 2, 3, 4], "keqv": [0, 2, 3, 4], "reuse": [0]}[mode]
+    for slot, want in expected.items():
+        assert_close(OP, f"reference vs transformers ({mode})", reference[slot], want)
+        assert_close(OP, f"onnxruntime vs transformers ({mode})", onnx_outputs[onnx_index.index(slot)], want)
+
+
+def test_sliding_cache_is_window_bounded() -> None:
+    """After 20 + 4 tokens the sliding layer keeps W − 1 = 7, the full layer all 24; the K/V attended
+    with hold everything (past + current)."""
+    run = transformers_run("tiny", "chunk-beyond-window-pos1e5")
+    inputs = op_inputs("tiny", "chunk-beyond-window-pos1e5", 0)
+    outputs = exported_attention("tiny", 0).run(**inputs)
+    assert outputs[1].shape[2] == WINDOW - 1 and outputs[3].shape[2] == WINDOW - 1 + 4
+    assert run["present"][1][0].shape[2] == 24
+
+
+def test_modes_are_checked() -> None:
+    query = torch.zeros(1, 1, 64)
+    with pytest.raises(ValueError, match="takes exactly"):
+        keqv_attention.keqv_attention(
+            query, torch.ones(16), positions([0], 1), query, None, None, None, None,
+            mode="kv", num_heads=4, num_kv_heads=4, head_dim=16, sliding_window=0,
+            rope_theta=1e4, rope_fraction=1.0, eps=1e-6,
+        )  # fmt: skip

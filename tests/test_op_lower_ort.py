@@ -1,0 +1,149 @@
+"""lower_ort: the exported ai.gemma4 graphs with PRoPE → com.microsoft.RotaryEmbedding and
+KEqVAttention:kv → com.microsoft.GroupQueryAttention, against transformers (same cases as the op
+tests, fp32); keqv / reuse stay functions, with the reason recorded."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
+
+from gemma4_onnx.graphs import domain, prope
+from gemma4_onnx.graphs.lower_ort import MS_DOMAIN, LowerToOrtPass, rope_tables
+
+from op_harness import (
+    CASES,
+    FULL,
+    LAYER_TYPES,
+    ROPE,
+    SCENARIOS,
+    SLIDING,
+    Exported,
+    assert_close,
+    exported_attention,
+    exported_prope,
+    op_inputs,
+    positions,
+    register_report,
+    rotary,
+    transformers_run,
+)
+
+OP = "lower_ort"
+# cos/sin table rows: the 1e5 positions of the op tests at the tiny head dims; at the real ones
+# (tables of 0.13-0.27 GB at 2**17 rows) the same code is checked below position 4096.
+TABLE_ROWS = {"tiny": 2**17, "real": 2**12}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request: pytest.FixtureRequest) -> None:
+    register_report(request.config)
+
+
+class Lowered:
+    """An exported op graph after LowerToOrtPass, loaded in onnxruntime."""
+
+    def __init__(self, graph: Exported, max_position: int) -> None:
+        model = ir.from_proto(graph.model)
+        self.lowering = LowerToOrtPass(max_position)
+        self.lowering(model)
+        self.model: onnx.ModelProto = ir.to_proto(model)
+        self.session = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.input_names = graph.input_names
+
+    def op_types(self) -> set[tuple[str, str]]:
+        return {(n.domain, n.op_type) for n in self.model.graph.node}
+
+    def run(self, **feeds: torch.Tensor) -> list:
+        return self.session.run(None, {name: feeds[name].numpy() for name in self.input_names})
+
+
+def table_rows(head_dim: int) -> int:
+    return TABLE_ROWS["real" if head_dim >= 256 else "tiny"]
+
+
+@functools.cache
+def lowered_rope(theta: float, fraction: float, head_dim: int) -> Lowered:
+    return Lowered(exported_prope(theta, fraction, head_dim), table_rows(head_dim))
+
+
+@functools.cache
+def lowered_attention(geometry: str, layer: int) -> Lowered:
+    return Lowered(exported_attention(geometry, layer), TABLE_ROWS[geometry.split("-")[0]])
+
+
+def test_rope_tables_use_transformers_angles() -> None:
+    inv_freq = prope.inv_freq(1_000_000.0, 0.25, 512)
+    cos, sin = rope_tables(inv_freq.numpy(), 1000, np.dtype(np.float32))
+    position_ids = torch.tensor([[0, 1, 517, 999]])
+    expected_cos, expected_sin = prope.cos_sin(position_ids, inv_freq, torch.float32)
+    assert_close(OP, "cos/sin tables vs transformers", cos[position_ids[0]], expected_cos[0, :, :256])
+    assert_close(OP, "cos/sin tables vs transformers", sin[position_ids[0]], expected_sin[0, :, :256])
+
+
+ROPE_CASES = [
+    (dims, starts, n)
+    for dims in ((16, 32), (256, 512))
+    for starts, n in (([0], 7), ([123_457], 1), ([0, 100_003], 5), ([9, 3000], 4))
+]
+ROPE_CASES = [(d, s, n) for d, s, n in ROPE_CASES if max(s) + n <= table_rows(d[1])]
+
+
+@pytest.mark.parametrize("layer_type", [SLIDING, FULL])
+@pytest.mark.parametrize(("dims", "starts", "length"), ROPE_CASES, ids=[f"{d[0]}-{s}-{n}" for d, s, n in ROPE_CASES])
+def test_prope_lowered_to_rotary_embedding(layer_type: str, dims: tuple[int, int], starts: list, length: int) -> None:
+    head_dim = dims[0] if layer_type == SLIDING else dims[1]
+    theta, fraction = ROPE[layer_type]
+    lowered = lowered_rope(theta, fraction, head_dim)
+    assert lowered.lowering.lowered == {"PRoPE": 1}
+    assert (MS_DOMAIN, "RotaryEmbedding") in lowered.op_types()
+    assert not any(d == domain.DOMAIN for d, _ in lowered.op_types())
+
+    x = torch.randn(len(starts), length, 3, head_dim, generator=torch.Generator().manual_seed(length))
+    position_ids = positions(starts, length)
+    cos, sin = rotary(*dims)(x, position_ids, layer_type)
+    (actual,) = lowered.run(x=x, position_ids=position_ids)
+    assert_close(OP, "RotaryEmbedding vs transformers", actual, apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2))
+
+
+def _within_tables(geometry: str, scenario: str) -> bool:
+    case = SCENARIOS[scenario]
+    return max(case.starts) + case.step <= TABLE_ROWS[geometry]
+
+
+KV_CASES = [(g, s) for g, s in CASES if g in ("tiny", "real") and _within_tables(g, s)]
+KV_CASES += [("real", "decode-below-window"), ("real", "decode-at-window")]
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["sliding", "full"])
+@pytest.mark.parametrize(("geometry", "scenario"), KV_CASES, ids=[f"{g}-{s}" for g, s in KV_CASES])
+def test_kv_attention_lowered_to_group_query_attention(geometry: str, scenario: str, layer: int) -> None:
+    lowered = lowered_attention(geometry, layer)
+    assert lowered.lowering.lowered == {"KEqVAttention:kv": 1}
+    assert (MS_DOMAIN, "GroupQueryAttention") in lowered.op_types()
+    assert not any(d == domain.DOMAIN for d, _ in lowered.op_types())
+
+    run = transformers_run(geometry, scenario)
+    outputs = lowered.run(**op_inputs(geometry, scenario, layer))
+    present_key, present_value = run["present"][layer]
+    key_states, value_states = run["shared"][LAYER_TYPES[layer]]
+    expected = [run["output"][layer], present_key, present_value, key_states, value_states]
+    for actual, want in zip(outputs, expected, strict=True):
+        assert_close(OP, "GroupQueryAttention vs transformers", actual, want)
+
+
+@pytest.mark.parametrize(("geometry", "layer", "reason"), [("tiny-keqv", 1, "K=V"), ("tiny", 2, "KV-shared")])
+def test_keqv_and_reuse_stay_functions(geometry: str, layer: int, reason: str) -> None:
+    lowered = lowered_attention(geometry, layer)
+    assert lowered.lowering.lowered == {}
+    assert len(lowered.lowering.skipped) == 1 and reason in lowered.lowering.skipped[0][1]
+    assert (domain.DOMAIN, "KEqVAttention") in lowered.op_types()
+    run = transformers_run(geometry, "decode-beyond-window-batch2-pos1e5")
+    (output, *_) = lowered.run(**op_inputs(geometry, "decode-beyond-window-batch2-pos1e5", layer))
+    assert_close(OP, "unlowered function vs transformers", output, run["output"][layer])
