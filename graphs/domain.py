@@ -34,6 +34,11 @@ accepts a model that imports another standard version.
 The shared pieces live here too: the Gemma 4 RMSNorm (no ``1 + w`` offset, fp32 inside) in torch
 and onnxscript, and ``flatten_function`` which inlines the helper functions an op body calls, so
 every FunctionProto in a model contains standard ops only.
+
+Using the ops: importing an op module (``gemma4_onnx.graphs.prope`` …) registers its
+``torch.ops.gemma4.*`` op; ``custom_translation_table()`` and ``export()`` import all three. Export
+wrappers call the torch ops and export with ``export()`` (or torch.onnx.export with
+``custom_translation_table()`` followed by ``attach_functions(program.model)``).
 """
 
 from __future__ import annotations

@@ -91,3 +91,12 @@ def test_modes_are_checked() -> None:
             mode="kv", num_heads=4, num_kv_heads=4, head_dim=16, sliding_window=0,
             rope_theta=1e4, rope_fraction=1.0, eps=1e-6,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(("geometry", "layer"), [("tiny", 0), ("tiny", 1), ("tiny-keqv", 1)])
+def test_onnxruntime_accepts_zero_length_past(geometry: str, layer: int) -> None:
+    """The first prefill feeds [B, KVH, 0, D] caches; onnxruntime runs them (values: test_three_way)."""
+    inputs = op_inputs(geometry, "prefill-empty-past", layer)
+    assert inputs["past_value"].shape[2] == 0
+    outputs = exported_attention(geometry, layer).run(**inputs)
+    assert outputs[-1].shape[2] == 5  # value_states: the 5 new tokens

@@ -1,0 +1,217 @@
+"""``--target ort``: replace ai.gemma4 ops by onnxruntime's fused contrib kernels where they fit.
+
+The ai.gemma4 functions run anywhere as standard ops; onnxruntime also has fused kernels that do the
+same work faster: ``com.microsoft.RotaryEmbedding`` and ``com.microsoft.GroupQueryAttention``. This
+pass swaps them in where the semantics are exactly the same, and leaves the function call (which
+still runs) where they are not, recording why. Like an onnxscript rewrite rule, each lowering is a
+``check`` (returns the reason it does not fit, or None) and a ``rewrite``.
+
+What Gemma 4 needs from the kernels (§3.6, §6.4): split-half rotation over the whole head with the
+zero-padded p-RoPE frequency table (so ``rotary_embedding_dim`` stays the full head dim: the cos/sin
+tables carry cos 1 / sin 0 for the pass-through pairs), attention scale 1.0, head_dim 512.
+
+PRoPE → RotaryEmbedding::
+
+    X [B,S,N,D] ─Reshape[B,S,N·D]─RotaryEmbedding(position_ids, cos_cache, sin_cache)─Reshape─► Y
+
+KEqVAttention:kv → GroupQueryAttention::
+
+    query ─Reshape[B,S,Hq,D]─SimplifiedLayerNormalization(w_q)─Reshape─RotaryEmbedding─┐
+    key   ─Reshape──────────SimplifiedLayerNormalization(w_k)─Reshape─RotaryEmbedding─┤ GroupQueryAttention
+    value ─Reshape──────────SimplifiedLayerNormalization(1)───Reshape─────────────────┤   scale 1
+    past_key, past_value, seqlens_k = P+S−1, total_sequence_length = P+S ────────────┘   local_window_size W
+        → output, present K, V (past + current: the op's key_states/value_states)
+        present_key/value = Slice(last W−1) on sliding layers, as the op's contract says
+
+Measured against the function (tests/test_op_lower_ort.py), three details decide exactness:
+* GQA's ``local_window_size`` counts the query itself: W keeps keys k > q − W, Gemma's window (W − 1
+  gives a different mask).
+* RoPE runs in separate RotaryEmbedding nodes, not GQA's ``do_rotary``: on a first prompt GQA reads
+  only the first element of ``position_ids``, which is wrong for batch rows at different positions.
+* GQA's fused q/k norm inputs (``q_norm_weight``) are not honoured by the CPU kernel, so the norms
+  stay explicit. P is the past buffer length: the masks only need positions relative to the last
+  query, which GQA's buffer coordinates give.
+
+Not lowered (reasons recorded in ``LowerToOrtPass.skipped``): ``KEqVAttention:keqv`` (GQA caches
+roped keys, the op keeps one cache of values: lowering would change the model's cache I/O),
+``KEqVAttention:reuse`` (GQA needs new keys and values), ``TopKMoE`` (com.microsoft.MoE needs
+per_expert_scale folded into down_proj and a GeGLU with the tanh gelu; not done).
+
+The cos/sin tables are [max_position, D/2] initializers, one pair per distinct frequency table, in
+the op's dtype: the angle is the float32 product position·inv_freq (as transformers forms it) and
+its cos/sin are evaluated in float64 and rounded once. At max_position 262144 a table pair costs
+0.27 GB (D = 256) or 0.54 GB (D = 512) in fp32; half in fp16.
+
+``SimplifiedLayerNormalization`` is onnxruntime's RMSNorm, registered by onnxruntime in the default
+domain: the lowered model is for onnxruntime only (and no longer passes the ONNX checker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from gemma4_onnx.graphs.domain import DOMAIN
+
+MS_DOMAIN = "com.microsoft"
+_INT64_MAX = 9223372036854775807
+
+
+def rope_tables(inv_freq: np.ndarray, max_position: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [max_position, D/2]: float32 angles as transformers forms them, evaluated in float64."""
+    angles = np.arange(max_position, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    angles64 = angles.astype(np.float64)
+    return np.cos(angles64).astype(dtype), np.sin(angles64).astype(dtype)
+
+
+@dataclass
+class LowerToOrtPass(ir.passes.InPlacePass):
+    """Lower PRoPE and KEqVAttention:kv nodes of the main graph to onnxruntime contrib kernels.
+
+    ``max_position``: the rows of the cos/sin tables (the largest position the model will see + 1).
+    After the call, ``lowered`` counts the lowered nodes per op and ``skipped`` lists
+    (node name, reason) for the ai.gemma4 nodes left as functions.
+    """
+
+    max_position: int
+    lowered: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    _tables: dict[tuple[bytes, str], tuple[ir.Value, ir.Value]] = field(default_factory=dict)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.lowered.clear()
+        self.skipped.clear()
+        self._tables.clear()
+        graph = model.graph
+        for node in list(graph):
+            if node.domain != DOMAIN:
+                continue
+            reason = self._check(node)
+            if reason is not None:
+                self.skipped.append((node.name or node.op_type, reason))
+                continue
+            tape = ir.tape.Tape(graph)
+            new_outputs = self._rewrite(node, tape, graph)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], tape.nodes, node.outputs, new_outputs)
+            key = f"{node.op_type}:{node.overload}" if node.overload else node.op_type
+            self.lowered[key] = self.lowered.get(key, 0) + 1
+        modified = bool(self.lowered)
+        if modified:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            common_passes.RemoveUnusedFunctionsPass()(model)
+            if not any(n.domain == DOMAIN for n in ir.traversal.RecursiveGraphIterator(graph)):
+                model.opset_imports.pop(DOMAIN, None)
+        return ir.passes.PassResult(model, modified)
+
+    # -- check: None when the node fits, else the reason ------------------------------------------
+
+    def _check(self, node: ir.Node) -> str | None:
+        if node.op_type == "PRoPE":
+            return None
+        if node.op_type == "KEqVAttention":
+            if node.overload == "keqv":
+                return "K=V keeps one cache of values; GroupQueryAttention caches roped keys"
+            if node.overload == "reuse":
+                return "a KV-shared consumer has no new keys/values for GroupQueryAttention"
+            if node.overload == "kv":
+                return None
+            return f"unknown KEqVAttention overload {node.overload!r}"
+        return f"no onnxruntime kernel lowering for {node.op_type}"
+
+    # -- rewrite: new nodes on the tape, the values replacing the node's outputs -------------------
+
+    def _rewrite(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
+        if node.op_type == "PRoPE":
+            return self._rotary(node, tape, graph)
+        return self._attention(node, tape, graph)
+
+    def _cos_sin(self, node: ir.Node, attribute: str, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+        inv_freq = np.asarray(node.attributes[attribute].as_floats(), dtype=np.float32)
+        dtype = node.inputs[0].dtype if node.inputs[0] is not None and node.inputs[0].dtype else ir.DataType.FLOAT
+        key = (inv_freq.tobytes(), dtype.name)
+        if key not in self._tables:
+            cos, sin = rope_tables(inv_freq, self.max_position, dtype.numpy())
+            name = f"gemma4_rope_{len(self._tables)}_d{2 * inv_freq.size}"
+            values = []
+            for suffix, table in (("cos", cos), ("sin", sin)):
+                value = ir.Value(name=f"{name}_{suffix}", const_value=ir.tensor(table, name=f"{name}_{suffix}"))
+                value.shape, value.dtype = ir.Shape(table.shape), dtype
+                graph.register_initializer(value)
+                values.append(value)
+            self._tables[key] = (values[0], values[1])
+        return self._tables[key]
+
+    def _rotary(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
+        x, position_ids = node.inputs[0], node.inputs[1]
+        cos, sin = self._cos_sin(node, "inv_freq", graph)
+        flat = tape.op("Reshape", [x, _ints(tape, [0, 0, -1])])
+        rotated = tape.op(
+            "RotaryEmbedding", [flat, position_ids, cos, sin], attributes={"interleaved": 0}, domain=MS_DOMAIN
+        )
+        return [tape.op("Reshape", [rotated, tape.op("Shape", [x])])]
+
+    def _attention(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
+        query, key, value, q_norm_weight, k_norm_weight, position_ids, past_key, past_value = node.inputs
+        attrs = node.attributes
+        head_dim, window, eps = attrs["head_dim"].as_int(), attrs["sliding_window"].as_int(), attrs["eps"].as_float()
+        cos, sin = self._cos_sin(node, "rope_inv_freq", graph)
+        heads_shape = _ints(tape, [0, 0, -1, head_dim])
+        merge_shape = _ints(tape, [0, 0, -1])
+
+        def norm(x: ir.Value | None, weight: ir.Value) -> ir.Value:
+            heads = tape.op("Reshape", [x, heads_shape])
+            attributes = {"axis": -1, "epsilon": eps, "stash_type": 1}
+            normed = tape.op("SimplifiedLayerNormalization", [heads, weight], attributes=attributes)
+            return tape.op("Reshape", [normed, merge_shape])
+
+        def rotate(x: ir.Value) -> ir.Value:
+            inputs = [x, position_ids, cos, sin]
+            return tape.op("RotaryEmbedding", inputs, attributes={"interleaved": 0}, domain=MS_DOMAIN)
+
+        def int32(x: ir.Value) -> ir.Value:
+            return tape.op("Cast", [x], attributes={"to": ir.DataType.INT32})
+
+        assert q_norm_weight is not None and k_norm_weight is not None
+        ones_float = tape.op("Constant", [], attributes={"value": ir.tensor(np.ones(head_dim, np.float32))})
+        ones = tape.op("CastLike", [ones_float, q_norm_weight])
+        past_length = tape.op("Shape", [past_key], attributes={"start": 2, "end": 3})
+        step_length = tape.op("Shape", [query], attributes={"start": 1, "end": 2})
+        total = tape.op("Add", [past_length, step_length])
+        batch = tape.op("Shape", [query], attributes={"start": 0, "end": 1})
+        seqlens_k = int32(tape.op("Expand", [tape.op("Sub", [total, _ints(tape, [1])]), batch]))
+        total_scalar = int32(tape.op("Squeeze", [total]))
+
+        output, keys, values = tape.op_multi_out(
+            "GroupQueryAttention",
+            [rotate(norm(query, q_norm_weight)), rotate(norm(key, k_norm_weight)), norm(value, ones),
+             past_key, past_value, seqlens_k, total_scalar],
+            attributes={
+                "num_heads": attrs["num_heads"].as_int(),
+                "kv_num_heads": attrs["num_kv_heads"].as_int(),
+                "scale": 1.0,
+                "local_window_size": window if window > 0 else -1,
+            },
+            num_outputs=3,
+            domain=MS_DOMAIN,
+        )  # fmt: skip
+        if window > 1:
+            start, end, axis = _ints(tape, [1 - window]), _ints(tape, [_INT64_MAX]), _ints(tape, [2])
+            present_key = tape.op("Slice", [keys, start, end, axis])
+            present_value = tape.op("Slice", [values, start, end, axis])
+        else:
+            present_key, present_value = tape.op("Identity", [keys]), tape.op("Identity", [values])
+        return [output, present_key, present_value, keys, values]
+
+
+def _ints(tape: ir.tape.Tape, values: list[int]) -> ir.Value:
+    return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(values, dtype=np.int64))})
+
+
+def lower_to_ort(model: ir.Model, max_position: int) -> LowerToOrtPass:
+    """Run the lowering in place; the returned pass says what was lowered and what was not, and why."""
+    lowering = LowerToOrtPass(max_position)
+    lowering(model)
+    return lowering
