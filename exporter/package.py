@@ -14,7 +14,6 @@ Each distinct layer kind is traced once (see ``trace``); every other layer reuse
 """
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from gemma4_onnx.exporter.hf_model import STATE_PREFIX
 from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
 from gemma4_onnx.exporter.weights import WeightSource, open_source
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
-from gemma4_onnx.graphs.external_data import DataFile
+from gemma4_onnx.graphs.external_data import PackageWriter
 from gemma4_onnx.graphs.manifest import graph_signature, write_manifest
 from gemma4_onnx.progress import progress
 
@@ -65,40 +64,11 @@ def cache_layout(geometry: TextGeometry) -> list[dict[str, Any]]:
     } for spec in geometry.cache_layers]
 
 
-@dataclass
-class _Writer:
-    """Writes initializers into data files once; later graphs reuse the same external references."""
-
-    root: Path
-    structure_only: bool = False
-
-    def __post_init__(self) -> None:
-        self.files: dict[str, DataFile] = {}
-        self.written: dict[str, onnx.TensorProto] = {}
+class _Writer(PackageWriter):
+    """The package writer, reading each weight from the export's source when it is first written."""
 
     def tensor(self, weights: WeightSource, name: str, location: str) -> onnx.TensorProto:
-        if name not in self.written:
-            if location not in self.files:
-                self.files[location] = DataFile(self.root, location, write=not self.structure_only)
-            if self.structure_only:
-                self.written[name] = self.files[location].reserve(name, weights.shape(name), np.dtype(np.float32))
-            else:
-                value = weights.tensor(name, torch.float32).numpy()
-                self.written[name] = self.files[location].add(name, value)
-        return self.written[name]
-
-    def relocated(self, name: str, graph_dir: str) -> onnx.TensorProto:
-        """The initializer as seen from a graph in ``graph_dir`` (a subfolder of the package)."""
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(self.written[name])
-        for entry in tensor.external_data:
-            if entry.key == "location" and graph_dir:
-                entry.value = Path(entry.value).relative_to(graph_dir).as_posix()
-        return tensor
-
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
+        return self.add(name, location, lambda: weights.tensor(name, torch.float32).numpy(), weights.shape(name))
 
 
 def export_package(source: str, out_dir: Path, force: bool = False, structure_only: bool = False) -> Path:

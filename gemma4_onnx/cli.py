@@ -77,6 +77,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    if args.calibration:
+        raise NotBuiltYet("quantize --calibration (calibrated algorithms and the auto recipe)")
+    from gemma4_onnx.quantize.apply import quantize_package
+
+    out = quantize_package(Path(args.model_dir), Path(args.out_dir), args.recipe, force=args.force)
+    say(f"quantized package: {out}")
+    return 0
+
+
 def not_built(stage: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         raise NotBuiltYet(stage)
@@ -115,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure-only", action="store_true",
                    help="graphs, signatures and cache layout without weight data (cannot run)")
 
-    p = verb("quantize", not_built("quantize"), "quantize an exported package per a recipe")
+    p = verb("quantize", cmd_quantize, "quantize an exported package per a recipe")
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     p.add_argument("--recipe", default="int4")

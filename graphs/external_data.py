@@ -8,6 +8,7 @@ allocation granularity onnxruntime needs to memory-map them on every OS); files 
 fresh, never appended to.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -77,3 +78,52 @@ def external_entries(tensor: TensorProto) -> dict[str, str]:
 def inline_tensor(name: str, array: np.ndarray) -> TensorProto:
     """A small initializer kept inside the model file (shape constants, scalars)."""
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+class PackageWriter:
+    """Writes a package's initializers into its data files, each tensor once: graphs in subfolders
+    (``blocks/``) and at the root share the same bytes through relocated references."""
+
+    def __init__(self, root: Path, structure_only: bool = False) -> None:
+        self.root = root
+        self.structure_only = structure_only
+        self.files: dict[str, DataFile] = {}
+        self.written: dict[str, TensorProto] = {}
+
+    def add(self, name: str, location: str, load: Callable[[], np.ndarray], shape: tuple[int, ...] | None = None,
+            dtype: np.dtype | type = np.float32) -> TensorProto:
+        """Write ``load()`` (or, structure only, reserve ``shape``) under ``name`` into ``location``."""
+        if name not in self.written:
+            if location not in self.files:
+                self.files[location] = DataFile(self.root, location, write=not self.structure_only)
+            if self.structure_only:
+                assert shape is not None
+                self.written[name] = self.files[location].reserve(name, shape, np.dtype(dtype))
+            else:
+                self.written[name] = self.files[location].add(name, load())
+        return self.written[name]
+
+    def alias(self, name: str, of: str, dims: tuple[int, ...], data_type: int) -> TensorProto:
+        """A second view of already written bytes, with other dims and element type (no copy)."""
+        if name not in self.written:
+            tensor = TensorProto()
+            tensor.CopyFrom(self.written[of])
+            tensor.name = name
+            del tensor.dims[:]
+            tensor.dims.extend(dims)
+            tensor.data_type = data_type
+            self.written[name] = tensor
+        return self.written[name]
+
+    def relocated(self, name: str, graph_dir: str) -> TensorProto:
+        """The initializer as seen from a graph in ``graph_dir`` (a subfolder of the package, or "")."""
+        tensor = TensorProto()
+        tensor.CopyFrom(self.written[name])
+        for entry in tensor.external_data:
+            if entry.key == "location" and graph_dir:
+                entry.value = Path(entry.value).relative_to(graph_dir).as_posix()
+        return tensor
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()

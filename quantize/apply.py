@@ -1,0 +1,259 @@
+"""Applying a plan to an exported package: a new package with the same layout, weights quantized.
+
+Blockwise weights come from onnxruntime's own MatMulNBits kernels (``quantize_matmul_4bits`` /
+``_8bits``, the ones its MatMulNBitsQuantizer calls), and run in its ``MatMulNBits`` and
+``GatherBlockQuantized`` ops. The graph rewrite itself is written here because onnxruntime's
+quantizer needs the whole model in memory and a MatMul whose weight is a [K, N] initializer, while
+these graphs keep the checkpoint's [N, K] weights (read through a Transpose) under their checkpoint
+names, and the PLE table must stay alone in its own file. One quantized copy of the token embedding
+serves both the embedding lookup (GatherBlockQuantized) and the tied LM head (MatMulNBits): the two
+ops read the same [V, H/block, block] layout.
+
+    x ─MatMul(Transpose(W))─► y          becomes   x ─MatMulNBits(W_q, scales, zero_points)─► y
+    ids ─Gather(E)─► e                   becomes   ids ─GatherBlockQuantized(E_q, scales, zero_points)─► e
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+from gemma4_onnx import __version__
+from gemma4_onnx.atomic import publish_dir
+from gemma4_onnx.errors import NotBuiltYet, UsageError
+from gemma4_onnx.exporter.geometry import text_geometry
+from gemma4_onnx.graphs.external_data import PackageWriter, external_entries
+from gemma4_onnx.graphs.manifest import MANIFEST, graph_signature, read_manifest, write_manifest
+from gemma4_onnx.progress import progress
+from gemma4_onnx.quantize.plan import Entry, resolve
+from gemma4_onnx.quantize.recipe import Decision, load_recipe
+from gemma4_onnx.runtime.text_model import check_files_present
+
+MS = "com.microsoft"
+PLAN_KEY = "gemma4_onnx.quantization_plan"
+
+
+def blockwise(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [N, K] → (packed uint8 [N, K/block, block·bits/8], scales [N, K/block], zero points uint8),
+    blocks along K, by onnxruntime's kernels. Zero points are always returned (8 / 128 if symmetric)."""
+    if decision.algorithm != "rtn":
+        raise NotBuiltYet(f"quantization algorithm '{decision.algorithm}'")
+    assert decision.bits is not None
+    n, k = weight.shape
+    block = decision.block_size
+    blocks = -(-k // block)
+    per_byte = 8 // decision.bits
+    packed = np.zeros((n, blocks, block // per_byte), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zero_points = np.zeros((n, -(-blocks // per_byte)), dtype=np.uint8)
+    kernel = quantize_matmul_4bits if decision.bits == 4 else quantize_matmul_8bits
+    kernel(packed, np.ascontiguousarray(weight.T, dtype=np.float32), scales, zero_points, block, n, k,
+           decision.symmetric)
+    if decision.symmetric:  # the kernel leaves zero points unset when symmetric; the ops' default is the midpoint
+        midpoint = 1 << (decision.bits - 1)
+        zero_points[:] = midpoint | (midpoint << 4) if decision.bits == 4 else midpoint
+    return packed, scales, zero_points
+
+
+def bits_per_weight(decision: Decision) -> float:
+    """Stored bits per weight, scales (fp32) and zero points counted."""
+    if decision.bits is None:
+        return 32.0
+    return decision.bits + (32 + decision.bits) / decision.block_size
+
+
+class _Graph:
+    """One graph being rewritten: producers and consumers of values, by name."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def replace(self, old: onnx.NodeProto, new: onnx.NodeProto) -> None:
+        nodes = list(self.graph.node)
+        nodes[nodes.index(old)] = new
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        self.graph.node.remove(node)
+
+
+class Quantizer:
+    def __init__(self, source: Path, staging: Path, plan: list[Entry]) -> None:
+        self.source = source
+        self.plan = {e.candidate.name: e for e in plan}
+        self.writer = PackageWriter(staging)
+        self.sources: dict[str, tuple[onnx.TensorProto, str]] = {}  # name → (tensor, its graph dir)
+        self.quantized_names: list[str] = []
+
+    def _array(self, name: str) -> np.ndarray:
+        tensor, graph_dir = self.sources[name]
+        info = external_entries(tensor)
+        path = self.source / graph_dir / info["location"]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        data = np.fromfile(path, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+        return data.reshape(tuple(tensor.dims))
+
+    def _location(self, name: str) -> str:
+        tensor, graph_dir = self.sources[name]
+        return (Path(graph_dir) / external_entries(tensor)["location"]).as_posix()
+
+    def _quantized(self, name: str) -> tuple[list[str], Decision]:
+        """Names of (packed, scales, zero points) of a quantized tensor, written once."""
+        decision = self.plan[name].decision
+        names = [f"{name}.q{decision.bits}", f"{name}.scales", f"{name}.zero_points"]
+        if names[0] not in self.writer.written:
+            weight = self._array(name)
+            if weight.ndim != 2:
+                raise NotBuiltYet(f"quantizing {self.plan[name].candidate.kind} tensors ({name})")
+            packed, scales, zero_points = blockwise(weight.astype(np.float32), decision)
+            location = self._location(name)
+            for tensor_name, array in zip(names, (packed, scales, zero_points), strict=True):
+                self.writer.add(tensor_name, location, lambda a=array: a)
+                self.quantized_names.append(tensor_name)
+        return names, decision
+
+    def rewrite(self, model: onnx.ModelProto, graph_dir: str) -> onnx.ModelProto:
+        graph = _Graph(model)
+        for tensor in model.graph.initializer:
+            self.sources.setdefault(tensor.name, (tensor, graph_dir))
+        kept = []
+        for tensor in model.graph.initializer:
+            entry = self.plan.get(tensor.name)
+            if entry is not None and entry.decision.quantized:
+                for node in list(graph.consumers.get(tensor.name, [])):
+                    if node.op_type == "Transpose":
+                        self._matmul(graph, node, tensor)
+                    elif node.op_type == "Gather" and node.input[0] == tensor.name:
+                        self._gather(graph, node, tensor)
+                    else:
+                        raise NotBuiltYet(f"quantizing {tensor.name} as used by {node.op_type}")
+            elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+                self.writer.add(tensor.name, self._location(tensor.name), lambda n=tensor.name: self._array(n))
+                kept.append(self.writer.relocated(tensor.name, graph_dir))
+            else:
+                kept.append(tensor)
+        used = _inputs(model)
+        added = [self.writer.relocated(n, graph_dir) for n in self.quantized_names if n in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept + added)
+        if any(n.domain == MS for n in model.graph.node) and not any(o.domain == MS for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS, 1))
+        return model
+
+    def _matmul(self, graph: _Graph, transpose: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        matmuls = graph.consumers.get(transpose.output[0], [])
+        if perm != [1, 0] or not matmuls or any(m.op_type != "MatMul" or m.input[1] != transpose.output[0]
+                                               for m in matmuls):
+            raise NotBuiltYet(f"quantizing {tensor.name} in this graph pattern")
+        (packed, scales, zero_points), decision = self._quantized(tensor.name)
+        n, k = tensor.dims
+        for matmul in matmuls:
+            inputs = [matmul.input[0], packed, scales] + ([] if decision.symmetric else [zero_points])
+            graph.replace(matmul, helper.make_node(
+                "MatMulNBits", inputs, list(matmul.output), name=matmul.name + "_nbits", domain=MS,
+                K=int(k), N=int(n), bits=decision.bits, block_size=decision.block_size))
+        graph.remove(transpose)
+
+    def _gather(self, graph: _Graph, gather: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
+        """GatherBlockQuantized reads the MatMulNBits bytes as [V, H] 4- or 8-bit elements."""
+        (packed, scales, zero_points), decision = self._quantized(tensor.name)
+        rows, width = (int(d) for d in tensor.dims)
+        blocks = width // decision.block_size
+        if width % decision.block_size or (decision.bits == 4 and blocks % 2):
+            raise UsageError(f"{tensor.name}: width {width} needs an even number of {decision.block_size}-blocks "
+                             "to be gathered quantized")
+        element = onnx.TensorProto.UINT4 if decision.bits == 4 else onnx.TensorProto.UINT8
+        data = self.writer.alias(f"{tensor.name}.rows", packed, (rows, width), element)
+        zeros = self.writer.alias(f"{zero_points}.rows", zero_points, (rows, blocks), element)
+        self.quantized_names += [data.name, zeros.name]
+        graph.replace(gather, helper.make_node(
+            "GatherBlockQuantized", [data.name, gather.input[1], scales, zeros.name], list(gather.output),
+            name=gather.name + "_quantized", domain=MS, gather_axis=0, quantize_axis=1,
+            block_size=decision.block_size, bits=decision.bits))
+
+
+def _inputs(model: onnx.ModelProto) -> set[str]:
+    return {name for node in model.graph.node for name in node.input}
+
+
+def _graph_files(manifest: dict[str, Any]) -> list[str]:
+    graphs = manifest["graphs"]
+    return [graphs["embed"]["file"], graphs["decoder"]["file"], *(b["file"] for b in graphs["blocks"])]
+
+
+def _initializer_shapes(source: Path, files: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        for tensor in onnx.load(source / file, load_external_data=False).graph.initializer:
+            shapes.setdefault(tensor.name, tuple(tensor.dims))
+    return shapes
+
+
+def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bool = False) -> Path:
+    source = Path(model_dir)
+    manifest = read_manifest(source)
+    check_files_present(source, manifest)
+    if manifest.get("quantization"):
+        raise UsageError(f"{source} is already quantized ({manifest['quantization']['recipe']}); quantize the "
+                         "float export instead")
+    recipe = load_recipe(recipe_spec)
+    geometry = text_geometry(manifest["text_config"])
+    files = _graph_files(manifest)
+    plan = resolve(recipe, _initializer_shapes(source, files), geometry)
+    plan_json = [e.as_dict() for e in plan]
+    with publish_dir(Path(out_dir), force=force) as staging:
+        quantizer = Quantizer(source, staging, plan)
+        graphs = json.loads(json.dumps(manifest["graphs"]))
+        signatures: dict[str, Any] = {}
+        try:
+            for file in progress(files, desc=f"quantizing ({recipe.name})", unit="graph"):
+                model = onnx.load(source / file, load_external_data=False)
+                model = quantizer.rewrite(model, str(Path(file).parent) if "/" in file else "")
+                entry = model.metadata_props.add()
+                entry.key, entry.value = PLAN_KEY, json.dumps({"recipe": recipe.name, "plan": plan_json})
+                (staging / file).parent.mkdir(parents=True, exist_ok=True)
+                onnx.save_model(model, staging / file)
+                signatures[file] = graph_signature(model)
+        finally:
+            quantizer.writer.close()
+        for entry_graph in [graphs["embed"], graphs["decoder"], *graphs["blocks"]]:
+            entry_graph.update(signatures[entry_graph["file"]])
+        for name in manifest["files"]:
+            if not (staging / name).exists() and not name.endswith((".onnx", ".data")):
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / name, staging / name)
+        content = {k: v for k, v in manifest.items() if k not in ("format", "files", MANIFEST)}
+        content.update({
+            "tool": {"name": "gemma4-onnx", "version": __version__},
+            "graphs": graphs,
+            "precision": f"quantized ({recipe.name})",
+            "quantization": {"recipe": recipe.name, "description": recipe.description,
+                             "source_package": str(source.resolve()), "plan": plan_json,
+                             "avg_bits_per_linear_weight": average_bits(plan)},
+        })
+        write_manifest(staging, content)
+    return Path(out_dir)
+
+
+def average_bits(plan: list[Entry]) -> float:
+    """Stored bits per decoder linear weight (linear layers, router, experts), scales and zeros counted."""
+    total = weights = 0.0
+    for entry in plan:
+        if entry.candidate.kind in ("linear", "router", "experts"):
+            count = float(np.prod(entry.candidate.shape))
+            total += count * bits_per_weight(entry.decision)
+            weights += count
+    return total / weights if weights else 0.0
