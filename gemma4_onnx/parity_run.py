@@ -134,10 +134,25 @@ def run_parity(model_dir: Path, checkpoint: Path, text_file: Path | None, steps:
             "text_source": str(text_file) if text_file else "built-in",
         },
         "blocks": blocks,
+        "size": package_size(model.manifest),
+        "quantization": model.manifest.get("quantization"),
     }
     result["checks"] = fp32_checks(result) if result["precision"] == "float32" else []
     result["passed"] = all(c["passed"] for c in result["checks"])
     return result
+
+
+def package_size(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per file, the PLE file apart, and stored bits per decoder linear weight."""
+    files = manifest["files"]
+    ple = (manifest.get("ple") or {}).get("file")
+    quantization = manifest.get("quantization") or {}
+    return {
+        "total_bytes": sum(f["bytes"] for f in files.values()),
+        "ple_bytes": files[ple]["bytes"] if ple in files else 0,
+        "by_file": {name: f["bytes"] for name, f in files.items()},
+        "avg_bits_per_linear_weight": quantization.get("avg_bits_per_linear_weight", 32.0),
+    }
 
 
 def fp32_checks(result: dict[str, Any]) -> list[dict[str, Any]]:

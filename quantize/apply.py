@@ -15,6 +15,7 @@ ops read the same [V, H/block, block] layout.
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,23 @@ from gemma4_onnx.quantize.recipe import Decision, load_recipe
 from gemma4_onnx.runtime.text_model import check_files_present
 
 MS = "com.microsoft"
+# MatMulNBits computes in fp32 (level 1): levels 2-4 also round the activations, which costs accuracy.
+ACCURACY_LEVEL = 1
 PLAN_KEY = "gemma4_onnx.quantization_plan"
 
 
 def blockwise(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """W [N, K] → (packed uint8 [N, K/block, block·bits/8], scales [N, K/block], zero points uint8),
     blocks along K, by onnxruntime's kernels. Zero points are always returned (8 / 128 if symmetric)."""
+    if decision.algorithm == "hqq":
+        return _hqq(weight, decision)
+    if decision.algorithm == "k-quant":
+        return _k_quant(weight, decision)
     if decision.algorithm != "rtn":
         raise NotBuiltYet(f"quantization algorithm '{decision.algorithm}'")
     assert decision.bits is not None
+    if decision.block_size < 16:
+        return _rtn_small_blocks(weight, decision)
     n, k = weight.shape
     block = decision.block_size
     blocks = -(-k // block)
@@ -58,6 +67,71 @@ def blockwise(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.nd
         midpoint = 1 << (decision.bits - 1)
         zero_points[:] = midpoint | (midpoint << 4) if decision.bits == 4 else midpoint
     return packed, scales, zero_points
+
+
+def _hqq(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-quadratic quantization by onnxruntime's HQQ quantizer (asymmetric, integer zero points)."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    assert decision.bits is not None
+    if decision.symmetric:
+        raise UsageError("hqq is asymmetric: use symmetric = false with it")
+    hqq = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=decision.block_size, bits=decision.bits))
+    codes, scales, zeros = hqq.quantize_internal(torch.from_numpy(weight), bits=decision.bits,
+                                                 group_size=decision.block_size, axis=1)
+    return _pack(codes.numpy(), scales.numpy(), zeros.numpy(), decision)
+
+
+def _k_quant(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's k-quant search (weighted least squares over scale and minimum), as onnxruntime ships it."""
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    assert decision.bits is not None
+    if decision.symmetric:
+        raise UsageError("k-quant is asymmetric: use symmetric = false with it")
+    n, k = weight.shape
+    block = decision.block_size
+    padded = np.pad(weight, ((0, 0), (0, -k % block)))
+    codes, scales, zeros = quant_tensor_k_quant_cpu(padded, decision.bits, block)
+    return _pack(codes.reshape(n, -1), scales.reshape(n, -1), zeros.reshape(n, -1), decision)
+
+
+def _rtn_small_blocks(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest for blocks below onnxruntime's minimum of 16 (the PLE slices of test variants)."""
+    assert decision.bits is not None
+    n, k = weight.shape
+    top = (1 << decision.bits) - 1
+    blocks = weight.reshape(n, -1, decision.block_size).astype(np.float64)
+    if decision.symmetric:
+        zeros = np.full(blocks.shape[:2], (top + 1) // 2, dtype=np.float64)
+        scales = np.abs(blocks).max(-1) / ((top + 1) // 2)
+    else:
+        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scales = (high - low) / top
+        zeros = np.round(-low / np.where(scales == 0, 1, scales))
+    safe = np.where(scales == 0, 1, scales)
+    codes = np.clip(np.round(blocks / safe[..., None] + zeros[..., None]), 0, top)
+    return _pack(codes.reshape(n, k), scales, zeros, decision)
+
+
+def _pack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
+          decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer codes [N, K'] and per-block scales/zero points [N, K'/block] in MatMulNBits' layout."""
+    assert decision.bits is not None
+    bits, block = decision.bits, decision.block_size
+    n, k_padded = codes.shape
+    per_byte = 8 // bits
+    grouped = codes.astype(np.uint8).reshape(n, k_padded // per_byte, per_byte)
+    packed = np.zeros((n, k_padded // per_byte), dtype=np.uint8)
+    for j in range(per_byte):  # element 2i in the low nibble, as MatMulNBits reads it
+        packed |= grouped[:, :, j] << (bits * j)
+    blocks = k_padded // block
+    zero_codes = np.clip(np.round(zeros.astype(np.float64)), 0, (1 << bits) - 1).astype(np.uint8).reshape(n, blocks)
+    if bits == 4:
+        zero_codes = np.pad(zero_codes, ((0, 0), (0, blocks % 2)))
+        zero_codes = zero_codes[:, 0::2] | (zero_codes[:, 1::2] << 4)
+    return packed.reshape(n, blocks, block // per_byte), scales.astype(np.float32).reshape(n, blocks), zero_codes
 
 
 def bits_per_weight(decision: Decision) -> float:
@@ -89,8 +163,9 @@ class _Graph:
 
 
 class Quantizer:
-    def __init__(self, source: Path, staging: Path, plan: list[Entry]) -> None:
+    def __init__(self, source: Path, staging: Path, plan: list[Entry], ple_dim: int) -> None:
         self.source = source
+        self.ple_dim = ple_dim
         self.plan = {e.candidate.name: e for e in plan}
         self.writer = PackageWriter(staging)
         self.sources: dict[str, tuple[onnx.TensorProto, str]] = {}  # name → (tensor, its graph dir)
@@ -128,13 +203,16 @@ class Quantizer:
         graph = _Graph(model)
         for tensor in model.graph.initializer:
             self.sources.setdefault(tensor.name, (tensor, graph_dir))
-        kept = []
-        for tensor in model.graph.initializer:
+        kept: list[onnx.TensorProto] = []
+        self.constants: list[onnx.TensorProto] = []
+        for tensor in list(model.graph.initializer):
             entry = self.plan.get(tensor.name)
             if entry is not None and entry.decision.quantized:
                 for node in list(graph.consumers.get(tensor.name, [])):
                     if node.op_type == "Transpose":
                         self._matmul(graph, node, tensor)
+                    elif node.op_type == "Gather" and node.input[0] == tensor.name and entry.candidate.kind == "ple":
+                        self._gather_slices(graph, node, tensor)
                     elif node.op_type == "Gather" and node.input[0] == tensor.name:
                         self._gather(graph, node, tensor)
                     else:
@@ -147,7 +225,7 @@ class Quantizer:
         used = _inputs(model)
         added = [self.writer.relocated(n, graph_dir) for n in self.quantized_names if n in used]
         del model.graph.initializer[:]
-        model.graph.initializer.extend(kept + added)
+        model.graph.initializer.extend(kept + added + self.constants)
         if any(n.domain == MS for n in model.graph.node) and not any(o.domain == MS for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS, 1))
         return model
@@ -164,8 +242,67 @@ class Quantizer:
             inputs = [matmul.input[0], packed, scales] + ([] if decision.symmetric else [zero_points])
             graph.replace(matmul, helper.make_node(
                 "MatMulNBits", inputs, list(matmul.output), name=matmul.name + "_nbits", domain=MS,
-                K=int(k), N=int(n), bits=decision.bits, block_size=decision.block_size))
+                K=int(k), N=int(n), bits=decision.bits, block_size=decision.block_size, accuracy_level=ACCURACY_LEVEL))
         graph.remove(transpose)
+
+    def _gather_slices(self, graph: _Graph, gather: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
+        """The PLE table [V, L·P] quantized with scales per layer slice: a block never straddles two
+        layers' P-wide slices (block = the recipe's block size if it divides P, else P). Written with
+        standard ops because GatherBlockQuantized needs blocks of at least 16 while the test variants
+        have P = 8; only the gathered rows are read and dequantized.
+
+            ids ─Gather(codes)─[unpack nibbles]─Cast─Reshape[…, blocks, block]─Sub(Gather(zero_points))
+                ─Mul(Gather(scales))─Reshape[…, L·P] ─► per-layer token part
+        """
+        entry = self.plan[tensor.name]
+        rows, width = (int(d) for d in tensor.dims)
+        ple_dim = self.ple_dim
+        block = entry.decision.block_size if ple_dim % entry.decision.block_size == 0 else ple_dim
+        decision = replace(entry.decision, block_size=block)
+        names = [f"{tensor.name}.q{decision.bits}", f"{tensor.name}.scales", f"{tensor.name}.zero_points"]
+        if names[0] not in self.writer.written:
+            packed, scales, zero_points = blockwise(self._array(tensor.name).astype(np.float32), decision)
+            if decision.bits == 4:  # one zero point per byte here: the graph gathers them unpacked
+                zero_points = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)
+            zero_points = zero_points[:, : width // block]
+            location = self._location(tensor.name)
+            for name, array in zip(names, (packed.reshape(rows, -1), scales, zero_points), strict=True):
+                self.writer.add(name, location, lambda a=array: a)
+                self.quantized_names.append(name)
+        out, ids = gather.output[0], gather.input[1]
+        p = f"{gather.name or out}.dequant"
+        consts = {f"{p}.blocks_shape": np.array([0, 0, width // block, block], np.int64),
+                  f"{p}.row_shape": np.array([0, 0, width], np.int64), f"{p}.last": np.array([-1], np.int64),
+                  f"{p}.four": np.array(4, np.uint8), f"{p}.mask": np.array(15, np.uint8)}
+        nodes = [helper.make_node("Gather", [names[0], ids], [f"{p}.codes"], axis=0)]
+        codes = f"{p}.codes"
+        if decision.bits == 4:
+            nodes += [
+                helper.make_node("BitwiseAnd", [codes, f"{p}.mask"], [f"{p}.low"]),
+                helper.make_node("BitShift", [codes, f"{p}.four"], [f"{p}.high"], direction="RIGHT"),
+                helper.make_node("Unsqueeze", [f"{p}.low", f"{p}.last"], [f"{p}.low1"]),
+                helper.make_node("Unsqueeze", [f"{p}.high", f"{p}.last"], [f"{p}.high1"]),
+                helper.make_node("Concat", [f"{p}.low1", f"{p}.high1"], [f"{p}.pairs"], axis=-1),
+                helper.make_node("Reshape", [f"{p}.pairs", f"{p}.row_shape"], [f"{p}.unpacked"]),
+            ]
+            codes = f"{p}.unpacked"
+        nodes += [
+            helper.make_node("Cast", [codes], [f"{p}.float"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Reshape", [f"{p}.float", f"{p}.blocks_shape"], [f"{p}.blocked"]),
+            helper.make_node("Gather", [names[2], ids], [f"{p}.zp8"], axis=0),
+            helper.make_node("Cast", [f"{p}.zp8"], [f"{p}.zp"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", [f"{p}.zp", f"{p}.last"], [f"{p}.zp1"]),
+            helper.make_node("Gather", [names[1], ids], [f"{p}.scale"], axis=0),
+            helper.make_node("Unsqueeze", [f"{p}.scale", f"{p}.last"], [f"{p}.scale1"]),
+            helper.make_node("Sub", [f"{p}.blocked", f"{p}.zp1"], [f"{p}.centered"]),
+            helper.make_node("Mul", [f"{p}.centered", f"{p}.scale1"], [f"{p}.values"]),
+            helper.make_node("Reshape", [f"{p}.values", f"{p}.row_shape"], [out]),
+        ]
+        index = list(graph.graph.node).index(gather)
+        graph.remove(gather)
+        for offset, node in enumerate(nodes):
+            graph.graph.node.insert(index + offset, node)
+        self.constants += [onnx.numpy_helper.from_array(v, k) for k, v in consts.items()]
 
     def _gather(self, graph: _Graph, gather: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
         """GatherBlockQuantized reads the MatMulNBits bytes as [V, H] 4- or 8-bit elements."""
@@ -215,7 +352,7 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
     plan = resolve(recipe, _initializer_shapes(source, files), geometry)
     plan_json = [e.as_dict() for e in plan]
     with publish_dir(Path(out_dir), force=force) as staging:
-        quantizer = Quantizer(source, staging, plan)
+        quantizer = Quantizer(source, staging, plan, geometry.ple_dim)
         graphs = json.loads(json.dumps(manifest["graphs"]))
         signatures: dict[str, Any] = {}
         try:
