@@ -12,3 +12,10 @@ BLOCK_FP32_MIN_COSINE = 0.99999
 
 # Published parameter figures are rounded to two significant digits.
 PUBLISHED_PARAMS_RELATIVE = 0.02
+
+# Quantization quality gates on the trained fixtures, against the float package (quantization issue).
+QUANT_GATES = {
+    "int8": {"kl_mean": 0.0005, "top1_agreement": 0.995},
+    "int4": {"kl_mean": 0.005, "top1_agreement": 0.975, "bits_per_byte_increase": 0.004,
+             "avg_bits_per_linear_weight": 4.9},
+}

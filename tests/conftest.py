@@ -21,3 +21,23 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
         return made[variant]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_checkpoint, tmp_path_factory) -> Callable[[str], tuple[Path, Path]]:
+    """A function: tiny variant or trained fixture name → (checkpoint dir, fp32 package dir), exported
+    once per session."""
+    from gemma4_onnx.exporter.package import export_package
+
+    from support import TRAINED_FIXTURES, trained_fixture
+
+    root = tmp_path_factory.mktemp("packages")
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(source: str) -> tuple[Path, Path]:
+        if source not in made:
+            checkpoint = trained_fixture(source) if source in TRAINED_FIXTURES else tiny_checkpoint(source)
+            made[source] = checkpoint, export_package(str(checkpoint), root / source)
+        return made[source]
+
+    return get

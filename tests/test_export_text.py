@@ -21,24 +21,9 @@ from gemma4_onnx.graphs.external_data import external_entries
 from gemma4_onnx.parity_run import run_parity
 from gemma4_onnx.runtime.text_model import TextModel
 
-from support import TRAINED_FIXTURES, trained_fixture
+from support import TRAINED_FIXTURES
 
 SOURCES = TINY + TRAINED_FIXTURES
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_checkpoint, tmp_path_factory):
-    """source name → (checkpoint dir, package dir), each exported once for the module."""
-    root = tmp_path_factory.mktemp("packages")
-    made: dict[str, tuple[Path, Path]] = {}
-
-    def get(source: str) -> tuple[Path, Path]:
-        if source not in made:
-            checkpoint = trained_fixture(source) if source in TRAINED_FIXTURES else tiny_checkpoint(source)
-            made[source] = checkpoint, export_package(str(checkpoint), root / source)
-        return made[source]
-
-    return get
 
 
 @pytest.mark.parametrize("source", SOURCES)

