@@ -15,6 +15,7 @@ How an op reaches the ONNX file (checked with torch 2.13, onnxscript 0.7.2, onnx
     torch.onnx.export: version conversion + optimizer          │  leave unknown-domain nodes alone
                                                                ▼
     AttachFunctionsPass  ──►  model.functions[(ai.gemma4, Op, overload)] = FunctionProto
+                              and, transitively, the functions of the ai.gemma4 ops that body calls
 
 Why not let the exporter attach the function itself: torch.onnx.export always runs onnxscript's
 version converter, and that begins with onnx_ir's ``InlinePass``; every function the exporter
@@ -28,12 +29,23 @@ ONNX function body cannot reference an absent optional input, not even inside an
 branch (onnx and onnxruntime both reject the model), so the op uses ONNX function *overloads*
 (IR version 10): one op name, one FunctionProto per signature, selected by ``node.overload``.
 
+Nested ops: an op's body may call another ``ai.gemma4`` op as a node (KEqVAttention's bodies call
+``PRoPE`` for q and k), so RoPE stays a visible, separately matchable unit inside attention::
+
+    KEqVAttention:kv body    … RMSNorm ─► ai.gemma4::PRoPE ─► … (q)   … RMSNorm ─► ai.gemma4::PRoPE ─► … (k)
+    KEqVAttention:keqv body  … ai.gemma4::PRoPE (q)   … v·w_k ─► ai.gemma4::PRoPE (keys over the cache)
+    KEqVAttention:reuse body … ai.gemma4::PRoPE (q)
+
+``AttachFunctionsPass`` attaches the nested functions too; onnxruntime inlines functions recursively.
+A nested call names an op's default overload only: onnxruntime (1.32) looks nested calls up by
+domain and name, ignoring ``overload`` (``flatten_function`` refuses anything else).
+
 Function bodies import the standard domain at ``STD_OPSET`` (20, torch.onnx's default); onnxruntime
 accepts a model that imports another standard version.
 
 The shared pieces live here too: the Gemma 4 RMSNorm (no ``1 + w`` offset, fp32 inside) in torch
 and onnxscript, and ``flatten_function`` which inlines the helper functions an op body calls, so
-every FunctionProto in a model contains standard ops only.
+every FunctionProto in a model contains standard ops and nested ``ai.gemma4`` ops only.
 
 Using the ops: importing an op module (``gemma4_onnx.graphs.prope`` …) registers its
 ``torch.ops.gemma4.*`` op; ``custom_translation_table()`` and ``export()`` import all three. Export
@@ -43,7 +55,7 @@ wrappers call the torch ops and export with ``export()`` (or torch.onnx.export w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import onnx
@@ -109,19 +121,37 @@ def RMSNormNoScale(x, eps: float):
 
 def flatten_function(function: onnxscript.OnnxFunction, op_type: str, overload: str = "") -> ir.Function:
     """``function`` as the ``ai.gemma4`` function ``op_type[:overload]``, with every helper function
-    it calls inlined (onnx_ir's InlinePass), so its body holds standard ops only."""
+    it calls inlined (onnx_ir's InlinePass), so its body holds standard ops and, where it calls
+    another ``ai.gemma4`` op (KEqVAttention → PRoPE), nested ``ai.gemma4`` nodes.
+
+    A nested call must be of an op's default ("") overload: onnxruntime resolves nested calls by
+    domain and name only, ignoring the overload."""
     called = function.function_ir.get_called_functions()
-    functions = [ir.serde.deserialize_function(f.to_function_proto()) for f in called.values()]
+    helpers = [f for f in called.values() if f.opset.domain == HELPER_OPSET.domain]
+    functions = [ir.serde.deserialize_function(f.to_function_proto()) for f in helpers]
     top = ir.serde.deserialize_function(function.to_function_proto())
     graph = ir.Graph([], [], nodes=[], opset_imports={"": STD_OPSET, DOMAIN: VERSION, HELPER_OPSET.domain: 1})
     model = ir.Model(graph, ir_version=MIN_IR_VERSION, functions=[top, *functions])
-    common_passes.InlinePass()(model)
+    common_passes.InlinePass(criteria=lambda f: f.domain == HELPER_OPSET.domain)(model)
     flat = model.functions[top.identifier()]
+    registered = _registered_names()
+    nested = [n for n in ir.traversal.RecursiveGraphIterator(flat.graph) if n.domain == DOMAIN]
+    for node in nested:
+        if registered.get(node.op_type) != (node.op_type, ""):
+            raise RuntimeError(
+                f"{op_type}: a nested ai.gemma4 node must call an op's default overload by its op name "
+                f"(onnxruntime ignores the overload of nested calls), got {node.op_identifier()}"
+            )
     leftover = [n.op_identifier() for n in ir.traversal.RecursiveGraphIterator(flat.graph) if n.domain != ""]
+    leftover = [i for i in leftover if i[0] != DOMAIN]
     if leftover:
-        raise RuntimeError(f"{op_type}: non-standard ops left in the body: {leftover}")
+        raise RuntimeError(f"{op_type}: ops other than standard and ai.gemma4 left in the body: {leftover}")
     flat.opset_imports.pop(HELPER_OPSET.domain, None)
     flat.opset_imports[""] = STD_OPSET
+    if nested:
+        flat.opset_imports[DOMAIN] = VERSION
+    else:
+        flat.opset_imports.pop(DOMAIN, None)
     proto = ir.serde.serialize_function(flat)
     proto.domain, proto.name, proto.overload = DOMAIN, op_type, overload
     return ir.serde.deserialize_function(proto)
@@ -183,6 +213,11 @@ def _op_modules() -> list[Any]:
     return [prope, keqv_attention, topk_moe]
 
 
+def _registered_names() -> dict[str, tuple[str, str]]:
+    """onnxscript function name → the (op_type, overload) it implements (KEqVAttentionKV → KEqVAttention:kv)."""
+    return {f.name: (m.OP_TYPE, overload) for m in _op_modules() for overload, f in m.FUNCTIONS.items()}
+
+
 def custom_translation_table() -> dict[Any, Callable[..., Any]]:
     """``custom_translation_table`` for torch.onnx.export covering every ``gemma4`` torch op."""
     table: dict[Any, Callable[..., Any]] = {}
@@ -204,21 +239,33 @@ def functions() -> Mapping[ir.OperatorIdentifier, ir.Function]:
     return _FUNCTIONS
 
 
-def _gemma4_nodes(graph: ir.Graph) -> Iterable[ir.Node]:
-    return (node for node in ir.traversal.RecursiveGraphIterator(graph) if node.domain == DOMAIN)
+def called_functions(model: ir.Model) -> list[ir.OperatorIdentifier]:
+    """The ``ai.gemma4`` ops ``model`` calls: nodes of its graph (subgraphs included) and, transitively,
+    nodes inside the bodies of those ops (KEqVAttention calls PRoPE), each once, in discovery order."""
+    library = functions()
+    found: list[ir.OperatorIdentifier] = []
+    pending: list[ir.Graph | ir.Function] = [model.graph]
+    while pending:
+        for node in ir.traversal.RecursiveGraphIterator(pending.pop()):
+            identifier = node.op_identifier()
+            if node.domain != DOMAIN or identifier in found:
+                continue
+            if identifier not in library:
+                raise ValueError(f"no ai.gemma4 function for {identifier}")
+            found.append(identifier)
+            pending.append(library[identifier])
+    return found
 
 
 class AttachFunctionsPass(ir.passes.InPlacePass):
-    """Adds the FunctionProto of every ``ai.gemma4`` node to the model (and the opset import and IR
-    version functions with overloads need). Returns whether the model changed."""
+    """Adds the FunctionProto of every ``ai.gemma4`` op the model calls, in its graph or nested inside
+    another op's body (and the opset import and IR version functions with overloads need). Returns
+    whether the model changed."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         library = functions()
         modified = False
-        for node in _gemma4_nodes(model.graph):
-            identifier = node.op_identifier()
-            if identifier not in library:
-                raise ValueError(f"no ai.gemma4 function for {identifier}")
+        for identifier in called_functions(model):
             if identifier not in model.functions:
                 # A copy per model: onnx_ir values belong to one graph.
                 model.functions[identifier] = ir.serde.deserialize_function(

@@ -41,14 +41,20 @@ cannot share a body: an ONNX function may not reference an absent input)::
     :reuse  (query, key, value, q_norm_weight, position_ids)            key/value: the producer's
               → (output)                                                 key_states/value_states
 
-    query ─Reshape[B,S,Hq,D]─RMSNorm(w_q)─RoPE(pos)─Transpose─► q [B,Hq,S,D]
-    :kv    key ─Reshape─RMSNorm(w_k)─RoPE─Transpose─┐      value ─Reshape─RMSNorm─Transpose─┐
-           past_key ───────────────────Concat(axis 2)─► K      past_value ──────Concat──────► V
-    :keqv  key ─Reshape─RMSNorm─Transpose─┐ past_value ─Concat─► V ─·w_k─RoPE(key positions)─► K
+    query ─Reshape[B,S,Hq,D]─RMSNorm(w_q)─PRoPE(pos)─Transpose─► q [B,Hq,S,D]
+    :kv    key ─Reshape─RMSNorm(w_k)─PRoPE─Transpose─┐      value ─Reshape─RMSNorm─Transpose─┐
+           past_key ───────────────────Concat(axis 2)─► K       past_value ──────Concat──────► V
+    :keqv  key ─Reshape─RMSNorm─Transpose─┐ past_value ─Concat─► V ─·w_k─PRoPE(key positions, head_axis 1)─► K
     :reuse K, V = key, value
     q ─Reshape[B,KVH,n_rep·S,D]─MatMul(Kᵀ)─Cast f32─Where(mask, ·, lowest)─Softmax─MatMul(V)─►
         ─Reshape[B,Hq,S,D]─Transpose─Reshape─► output [B,S,Hq·D]
     present = Slice(K or V, start = min(0, 1 − W), axis 2)          (the last W−1 tokens, or all)
+
+Every PRoPE above is a nested ``ai.gemma4::PRoPE`` node inside the overload's body (attributes
+theta/fraction/inv_freq referring to rope_theta/rope_fraction/rope_inv_freq), not inlined math: a
+model with attention carries the PRoPE function too, and onnxruntime inlines both levels. q and the
+new keys are roped in [B, S, N, D] (head_axis 2); the K=V keys in the cache layout [B, KVH, T, D]
+(head_axis 1: no transposes of the whole cache).
 
 Torch op (one op for all modes; absent tensors are None, absent outputs are empty tensors [0])::
 
@@ -74,7 +80,7 @@ import torch
 from onnxscript import FLOAT, opset18, opset20
 
 from gemma4_onnx.graphs.domain import HELPER_OPSET, OPSET, RMSNorm, RMSNormNoScale, node_emitter, rms_norm_reference
-from gemma4_onnx.graphs.prope import Rope, apply_rope, cos_sin, inv_freq, rope_attributes
+from gemma4_onnx.graphs.prope import PRoPE, apply_rope, cos_sin, inv_freq, rope_attributes
 
 # onnxscript bodies follow onnxscript's rules (list literals are tensors...), not Python typing's.
 op: Any = opset20
@@ -221,7 +227,7 @@ def _check_mode(mode: str, *tensors: torch.Tensor | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# ONNX functions (helpers in HELPER_OPSET are inlined into each overload's body)
+# ONNX functions (helpers in HELPER_OPSET are inlined into each overload's body; PRoPE stays a node)
 
 
 @onnxscript.script(HELPER_OPSET, default_opset=op)
@@ -232,10 +238,19 @@ def SplitHeads(x, head_dim: int):
 
 
 @onnxscript.script(HELPER_OPSET, default_opset=op)
-def Query(query, q_norm_weight, position_ids, head_dim: int, eps: float, rope_inv_freq: Sequence[float]):
-    """query [B, S, Hq·D] → RoPE(RMSNorm(q)) as [B, Hq, S, D]."""
+def Query(
+    query,
+    q_norm_weight,
+    position_ids,
+    head_dim: int,
+    eps: float,
+    rope_theta: float,
+    rope_fraction: float,
+    rope_inv_freq: Sequence[float],
+):
+    """query [B, S, Hq·D] → PRoPE(RMSNorm(q)) as [B, Hq, S, D]."""
     normed = RMSNorm(SplitHeads(query, head_dim=head_dim), q_norm_weight, eps=eps)
-    roped = Rope(normed, position_ids, inv_freq=rope_inv_freq, head_axis=2)
+    roped = PRoPE(normed, position_ids, theta=rope_theta, fraction=rope_fraction, inv_freq=rope_inv_freq, head_axis=2)
     return op.Transpose(roped, perm=[0, 2, 1, 3])
 
 
@@ -296,9 +311,18 @@ def KEqVAttentionKV(
     rope_inv_freq: Sequence[float],
 ):
     """Overload ``kv``: separate k and v projections, two caches (roped keys, normalised values)."""
-    q = Query(query, q_norm_weight, position_ids, head_dim=head_dim, eps=eps, rope_inv_freq=rope_inv_freq)
+    q = Query(
+        query,
+        q_norm_weight,
+        position_ids,
+        head_dim=head_dim,
+        eps=eps,
+        rope_theta=rope_theta,
+        rope_fraction=rope_fraction,
+        rope_inv_freq=rope_inv_freq,
+    )
     k_normed = RMSNorm(SplitHeads(key, head_dim=head_dim), k_norm_weight, eps=eps)
-    k_new = Rope(k_normed, position_ids, inv_freq=rope_inv_freq, head_axis=2)
+    k_new = PRoPE(k_normed, position_ids, theta=rope_theta, fraction=rope_fraction, inv_freq=rope_inv_freq, head_axis=2)
     v_new = RMSNormNoScale(SplitHeads(value, head_dim=head_dim), eps=eps)
     key_states = op.Concat(past_key, op.Transpose(k_new, perm=[0, 2, 1, 3]), axis=2)
     value_states = op.Concat(past_value, op.Transpose(v_new, perm=[0, 2, 1, 3]), axis=2)
@@ -326,12 +350,24 @@ def KEqVAttentionKEqV(
     rope_inv_freq: Sequence[float],
 ):
     """Overload ``keqv``: v is the normalised raw k projection; one cache; keys = RoPE(v·w_k)."""
-    q = Query(query, q_norm_weight, position_ids, head_dim=head_dim, eps=eps, rope_inv_freq=rope_inv_freq)
+    q = Query(
+        query,
+        q_norm_weight,
+        position_ids,
+        head_dim=head_dim,
+        eps=eps,
+        rope_theta=rope_theta,
+        rope_fraction=rope_fraction,
+        rope_inv_freq=rope_inv_freq,
+    )
     v_new = RMSNormNoScale(SplitHeads(key, head_dim=head_dim), eps=eps)
     value_states = op.Concat(past_value, op.Transpose(v_new, perm=[0, 2, 1, 3]), axis=2)
     scaled = op.Mul(op.Cast(value_states, to=FLOAT.dtype), op.Cast(k_norm_weight, to=FLOAT.dtype))
     unroped = op.CastLike(scaled, value_states)
-    key_states = Rope(unroped, KeyPositions(position_ids, value_states), inv_freq=rope_inv_freq, head_axis=1)
+    key_positions = KeyPositions(position_ids, value_states)
+    key_states = PRoPE(
+        unroped, key_positions, theta=rope_theta, fraction=rope_fraction, inv_freq=rope_inv_freq, head_axis=1
+    )
     output = Attend(q, key_states, value_states, position_ids, num_kv_heads=num_kv_heads, sliding_window=sliding_window)
     present_value = Window(value_states, sliding_window=sliding_window)
     return output, present_value, key_states, value_states
@@ -354,7 +390,16 @@ def KEqVAttentionReuse(
     rope_inv_freq: Sequence[float],
 ):
     """Overload ``reuse``: attend with the producer's key_states/value_states; no cache."""
-    q = Query(query, q_norm_weight, position_ids, head_dim=head_dim, eps=eps, rope_inv_freq=rope_inv_freq)
+    q = Query(
+        query,
+        q_norm_weight,
+        position_ids,
+        head_dim=head_dim,
+        eps=eps,
+        rope_theta=rope_theta,
+        rope_fraction=rope_fraction,
+        rope_inv_freq=rope_inv_freq,
+    )
     output = Attend(q, key, value, position_ids, num_kv_heads=num_kv_heads, sliding_window=sliding_window)
     return output
 

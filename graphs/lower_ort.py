@@ -10,9 +10,10 @@ What Gemma 4 needs from the kernels (§3.6, §6.4): split-half rotation over the
 zero-padded p-RoPE frequency table (so ``rotary_embedding_dim`` stays the full head dim: the cos/sin
 tables carry cos 1 / sin 0 for the pass-through pairs), attention scale 1.0, head_dim 512.
 
-PRoPE → RotaryEmbedding::
+PRoPE → RotaryEmbedding (the kernel reads 3D input as [B,S,N·D] and 4D input as [B,N,S,D])::
 
-    X [B,S,N,D] ─Reshape[B,S,N·D]─RotaryEmbedding(position_ids, cos_cache, sin_cache)─Reshape─► Y
+    head_axis 2  X [B,S,N,D] ─Reshape[B,S,N·D]─RotaryEmbedding(position_ids, cos_cache, sin_cache)─Reshape─► Y
+    head_axis 1  X [B,N,S,D] ─RotaryEmbedding(position_ids, cos_cache, sin_cache)─► Y
 
 KEqVAttention:kv → GroupQueryAttention::
 
@@ -36,6 +37,13 @@ Not lowered (reasons recorded in ``LowerToOrtPass.skipped``): ``KEqVAttention:ke
 roped keys, the op keeps one cache of values: lowering would change the model's cache I/O),
 ``KEqVAttention:reuse`` (GQA needs new keys and values), ``TopKMoE`` (com.microsoft.MoE needs
 per_expert_scale folded into down_proj and a GeGLU with the tanh gelu; not done).
+
+Nested PRoPE: KEqVAttention's bodies call ``ai.gemma4::PRoPE`` as nodes. A lowered ``kv`` node is
+replaced whole, RoPE included (its RotaryEmbedding nodes above), so no PRoPE is left of it. The
+nodes left as functions (``keqv``, ``reuse``) keep their bodies, nested PRoPE calls included, and
+the PRoPE function stays in the model for them; functions nothing calls any more are removed
+(``RemoveUnusedFunctionsPass`` follows nested calls). Only nodes of the main graph are lowered: a
+function body cannot hold the cos/sin initializers, so a nested PRoPE always runs as its function.
 
 The cos/sin tables are [max_position, D/2] initializers, one pair per distinct frequency table, in
 the op's dtype: the angle is the float32 product position·inv_freq (as transformers forms it) and
@@ -69,7 +77,8 @@ def rope_tables(inv_freq: np.ndarray, max_position: int, dtype: np.dtype) -> tup
 
 @dataclass
 class LowerToOrtPass(ir.passes.InPlacePass):
-    """Lower PRoPE and KEqVAttention:kv nodes of the main graph to onnxruntime contrib kernels.
+    """Lower PRoPE (either head axis) and KEqVAttention:kv nodes of the main graph to onnxruntime
+    contrib kernels.
 
     ``max_position``: the rows of the cos/sin tables (the largest position the model will see + 1).
     After the call, ``lowered`` counts the lowered nodes per op and ``skipped`` lists
@@ -110,7 +119,8 @@ class LowerToOrtPass(ir.passes.InPlacePass):
 
     def _check(self, node: ir.Node) -> str | None:
         if node.op_type == "PRoPE":
-            return None
+            head_axis = node.attributes.get_int("head_axis")
+            return None if head_axis in (1, 2) else f"PRoPE head_axis {head_axis} is not 2 or 1"
         if node.op_type == "KEqVAttention":
             if node.overload == "keqv":
                 return "K=V keeps one cache of values; GroupQueryAttention caches roped keys"
@@ -147,10 +157,14 @@ class LowerToOrtPass(ir.passes.InPlacePass):
     def _rotary(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
         x, position_ids = node.inputs[0], node.inputs[1]
         cos, sin = self._cos_sin(node, "inv_freq", graph)
-        flat = tape.op("Reshape", [x, _ints(tape, [0, 0, -1])])
-        rotated = tape.op(
-            "RotaryEmbedding", [flat, position_ids, cos, sin], attributes={"interleaved": 0}, domain=MS_DOMAIN
-        )
+
+        def rotate(x: ir.Value | None) -> ir.Value:
+            inputs = [x, position_ids, cos, sin]
+            return tape.op("RotaryEmbedding", inputs, attributes={"interleaved": 0}, domain=MS_DOMAIN)
+
+        if node.attributes["head_axis"].as_int() == 1:  # [B,N,S,D]: the kernel's own 4D layout
+            return [rotate(x)]
+        rotated = rotate(tape.op("Reshape", [x, _ints(tape, [0, 0, -1])]))
         return [tape.op("Reshape", [rotated, tape.op("Shape", [x])])]
 
     def _attention(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:

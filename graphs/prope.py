@@ -11,8 +11,9 @@ The exponent's denominator is the FULL head dim D, not the rotated width; the ro
 full layers use fraction = 0.25, θ = 1e6, D = 512 (64 of 256 pairs rotate). This is not the usual
 ``partial_rotary_factor`` RoPE, which rotates a leading block with exponents over the rotated width.
 
-Shapes: x [B, S, N, D] (the layout in which transformers applies RoPE with ``unsqueeze_dim=2``),
-position_ids [B, S] int64, output [B, S, N, D] in x's dtype.
+Shapes: x [B, S, N, D] (the layout in which transformers applies RoPE with ``unsqueeze_dim=2``;
+``head_axis`` 2) or x [B, N, S, D] (the cache layout, in which KEqVAttention re-ropes K=V keys;
+``head_axis`` 1); position_ids [B, S] int64; output in x's shape and dtype.
 
 Numerics: the angle θ_j = pos·inv_freq_j is formed in fp32 exactly as transformers does (a float32
 product of the float32 position and the float32 inv_freq), then cat(freqs, freqs), cos, sin, cast to
@@ -25,17 +26,30 @@ readers and for ``lower_ort``.
 
 ONNX op ``ai.gemma4::PRoPE`` (version 1)::
 
-    inputs     X [B, S, N, D] (float types), position_ids [B, S] int64
-    attributes theta: float, fraction: float, inv_freq: floats [D/2] (= inv_freq(theta, fraction, D))
-    output     Y [B, S, N, D]
+    inputs     X (float types): [B, S, N, D] (head_axis 2) or [B, N, S, D] (head_axis 1);
+               position_ids [B, S] int64
+    attributes theta: float, fraction: float, inv_freq: floats [D/2] (= inv_freq(theta, fraction, D)),
+               head_axis: int (2 or 1, required)
+    output     Y, shaped like X
 
     position_ids ─Cast(f32)─Unsqueeze(-1)─┐
     inv_freq (Constant) ──────────────────Mul─► freqs [B,S,D/2] ─Concat(freqs,freqs)─► emb [B,S,D]
-    emb ─Cos─CastLike(X)─Unsqueeze(2)─► cos [B,S,1,D]      emb ─Sin─…─► sin [B,S,1,D]
+    emb ─Cos─CastLike(X)─Unsqueeze(head_axis)─► cos [B,S,1,D] (head_axis 2) or [B,1,S,D] (head_axis 1)
+    emb ─Sin─CastLike(X)─Unsqueeze(head_axis)─► sin
     X ─Split(2, axis -1)─► X1, X2 ─Concat(-X2, X1)─► rot
     Y = X·cos + rot·sin
 
-Torch op: ``torch.ops.gemma4.prope(x, position_ids, theta: float, fraction: float) -> Tensor``.
+KEqVAttention's function bodies call this op as nested ``ai.gemma4::PRoPE`` nodes (q and new keys
+with head_axis 2, K=V keys over the whole cache with head_axis 1), so every model with attention
+carries the PRoPE function and a runtime can match RoPE inside attention on its own.
+
+Why an attribute and not two overloads for the two layouts: onnxruntime (1.32) resolves a node
+nested inside a function body by domain and name only, ignoring its overload (a nested call of an
+overload fails with "is not a registered function/op", or silently runs the "" overload when one
+exists). Top-level overloads, as KEqVAttention uses, are resolved correctly.
+
+Torch op: ``torch.ops.gemma4.prope(x, position_ids, theta: float, fraction: float, head_axis: int = 2)
+-> Tensor``.
 """
 
 from __future__ import annotations
@@ -83,26 +97,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos) + (rotated * sin)
 
 
+HEAD_AXES = (2, 1)  # x [B, S, N, D], x [B, N, S, D]
+
+
+def _check_head_axis(head_axis: int) -> None:
+    if head_axis not in HEAD_AXES:
+        raise ValueError(f"prope: head_axis must be 2 (x [B, S, N, D]) or 1 (x [B, N, S, D]), got {head_axis}")
+
+
 @torch.library.custom_op("gemma4::prope", mutates_args=())
-def prope(x: torch.Tensor, position_ids: torch.Tensor, theta: float, fraction: float) -> torch.Tensor:
-    """Gemma 4 (proportional) RoPE of x [B, S, N, D] at position_ids [B, S]."""
+def prope(
+    x: torch.Tensor, position_ids: torch.Tensor, theta: float, fraction: float, head_axis: int = 2
+) -> torch.Tensor:
+    """Gemma 4 (proportional) RoPE of x [B, S, N, D] (head_axis 1: [B, N, S, D]) at position_ids [B, S]."""
+    _check_head_axis(head_axis)
     cos, sin = cos_sin(position_ids, inv_freq(theta, fraction, x.shape[-1]), x.dtype)
+    if head_axis == 1:
+        return apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2).contiguous()
     return apply_rope(x, cos, sin)
 
 
 @prope.register_fake
-def _(x: torch.Tensor, position_ids: torch.Tensor, theta: float, fraction: float) -> torch.Tensor:
+def _(x: torch.Tensor, position_ids: torch.Tensor, theta: float, fraction: float, head_axis: int = 2) -> torch.Tensor:
+    _check_head_axis(head_axis)
     return torch.empty_like(x)
 
 
 # ---------------------------------------------------------------------------------------------
-# ONNX function
+# ONNX function (the Rope helper is inlined into its body)
 
 
 @onnxscript.script(HELPER_OPSET, default_opset=op)
 def Rope(X, positions, inv_freq: Sequence[float], head_axis: int):
     """Split-half RoPE of X with its head axis at ``head_axis`` and its position axis just before or
-    after it (``positions`` [B, L] broadcast over the heads); also used by KEqVAttention."""
+    after it (``positions`` [B, L] broadcast over the heads)."""
     freqs = op.Constant(value_floats=inv_freq)
     angles = op.Mul(op.Unsqueeze(op.Cast(positions, to=FLOAT.dtype), [-1]), freqs)
     emb = op.Concat(angles, angles, axis=-1)
@@ -116,14 +144,13 @@ def Rope(X, positions, inv_freq: Sequence[float], head_axis: int):
 
 
 @onnxscript.script(OPSET, default_opset=op)
-def PRoPE(X, position_ids, theta: float, fraction: float, inv_freq: Sequence[float]):
-    """Split-half RoPE of X [B, S, N, D] with the frequency table ``inv_freq`` [D/2]."""
-    Y = Rope(X, position_ids, inv_freq=inv_freq, head_axis=2)
+def PRoPE(X, position_ids, theta: float, fraction: float, inv_freq: Sequence[float], head_axis: int):
+    """Split-half RoPE of X ([B, S, N, D] with head_axis 2, [B, N, S, D] with 1) with the table ``inv_freq``."""
+    Y = Rope(X, position_ids, inv_freq=inv_freq, head_axis=head_axis)
     return Y
 
 
-FUNCTIONS = {"": PRoPE}
-
+FUNCTIONS: dict[str, onnxscript.OnnxFunction] = {"": PRoPE}
 _emit = node_emitter(PRoPE, OP_TYPE)
 
 
@@ -136,11 +163,12 @@ def rope_attributes(theta: float, fraction: float, head_dim: int) -> dict[str, A
     }
 
 
-def _translate(x: Any, position_ids: Any, theta: float, fraction: float) -> Any:
+def _translate(x: Any, position_ids: Any, theta: float, fraction: float, head_axis: int = 2) -> Any:
+    _check_head_axis(head_axis)
     head_dim = x.shape[-1]
     if not isinstance(head_dim, int):
         raise ValueError("PRoPE: the head dim of x must be static")
-    return _emit(x, position_ids, **rope_attributes(theta, fraction, head_dim))
+    return _emit(x, position_ids, head_axis=int(head_axis), **rope_attributes(theta, fraction, head_dim))
 
 
 TRANSLATIONS = {torch.ops.gemma4.prope.default: _translate}

@@ -163,11 +163,15 @@ class Exported:
 
     def assert_has_function(self, op_type: str, overload: str = "") -> None:
         """The exported model calls ``ai.gemma4::op_type[:overload]`` and carries its function,
-        whose body holds standard ops only, and passes the ONNX checker."""
+        whose body holds standard ops and ``ai.gemma4`` calls whose functions the model carries too
+        (nested, recursively), and passes the ONNX checker."""
         assert (op_type, overload) in self.gemma4_nodes(), self.gemma4_nodes()
         functions = {(f.domain, f.name, f.overload): f for f in self.model.functions}
-        function = functions[(domain.DOMAIN, op_type, overload)]
-        assert {node.domain for node in function.node} <= {""}
+        pending = [functions[(domain.DOMAIN, op_type, overload)]]
+        while pending:
+            function = pending.pop()
+            assert {node.domain for node in function.node} <= {"", domain.DOMAIN}
+            pending += [functions[(n.domain, n.op_type, n.overload)] for n in function.node if n.domain]
         onnx.checker.check_model(self.model, full_check=True)
 
     def run(self, **feeds: torch.Tensor) -> list[np.ndarray]:
@@ -190,12 +194,17 @@ def rotary(head_dim: int, global_head_dim: int) -> Gemma4TextRotaryEmbedding:
 
 
 @functools.cache
-def exported_prope(theta: float, fraction: float, head_dim: int) -> Exported:
-    def forward(x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return torch.ops.gemma4.prope(x, position_ids, theta, fraction)
+def exported_prope(theta: float, fraction: float, head_dim: int, head_axis: int = 2) -> Exported:
+    """PRoPE exported once per table and layout (head_axis 2: x [B, S, N, D]; 1: x [B, N, S, D])."""
 
-    example = {"x": torch.randn(2, 3, 2, head_dim), "position_ids": positions([0, 5], 3)}
-    dynamic = {"x": {0: "batch", 1: "seq", 2: "heads"}, "position_ids": {0: "batch", 1: "seq"}}
+    def forward(x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.gemma4.prope(x, position_ids, theta, fraction, head_axis)
+
+    seq_axis = 3 - head_axis
+    shape = [2, 0, 0, head_dim]
+    shape[head_axis], shape[seq_axis] = 2, 3
+    example = {"x": torch.randn(shape), "position_ids": positions([0, 5], 3)}
+    dynamic = {"x": {0: "batch", seq_axis: "seq", head_axis: "heads"}, "position_ids": {0: "batch", 1: "seq"}}
     graph = Exported(forward, example, dynamic)
     graph.assert_has_function("PRoPE")
     return graph

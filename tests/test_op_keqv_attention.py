@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_onnx.graphs import keqv_attention
+from gemma4_onnx.graphs import domain, keqv_attention
 
 from op_harness import (
     CASES,
@@ -100,3 +100,26 @@ def test_onnxruntime_accepts_zero_length_past(geometry: str, layer: int) -> None
     assert inputs["past_value"].shape[2] == 0
     outputs = exported_attention(geometry, layer).run(**inputs)
     assert outputs[-1].shape[2] == 5  # value_states: the 5 new tokens
+
+
+@pytest.mark.parametrize(
+    ("geometry", "layer", "head_axes"),
+    [("tiny", 0, [2, 2]), ("tiny-keqv", 1, [2, 1]), ("tiny", 2, [2])],
+    ids=["kv: q and the new keys", "keqv: q, and the keys over the cache", "reuse: q only"],
+)
+def test_rope_is_a_nested_prope_node(geometry: str, layer: int, head_axes: list[int]) -> None:
+    """Each overload's body calls ai.gemma4::PRoPE (no RoPE math of its own) with the table, theta
+    and fraction of the node (attribute references); the model carries the PRoPE function, which
+    assert_has_function checked at export and onnxruntime ran in test_three_way."""
+    mode, _ = op_call(geometry, layer)
+    graph = exported_attention(geometry, layer)
+    body = next(f for f in graph.model.functions if f.name == "KEqVAttention" and f.overload == mode)
+    calls = [n for n in body.node if n.domain == domain.DOMAIN]
+    assert [(n.op_type, n.overload) for n in calls] == [("PRoPE", "")] * len(head_axes)
+    for node, head_axis in zip(calls, head_axes, strict=True):
+        attributes = {a.name: a for a in node.attribute}
+        assert attributes["head_axis"].i == head_axis
+        refs = {name: attributes[name].ref_attr_name for name in ("theta", "fraction", "inv_freq")}
+        assert refs == {"theta": "rope_theta", "fraction": "rope_fraction", "inv_freq": "rope_inv_freq"}
+    assert not {"Sin", "Cos"} & {node.op_type for node in body.node}
+    assert (domain.DOMAIN, "PRoPE", "") in {(f.domain, f.name, f.overload) for f in graph.model.functions}

@@ -1,6 +1,6 @@
-"""lower_ort: the exported ai.gemma4 graphs with PRoPE → com.microsoft.RotaryEmbedding and
-KEqVAttention:kv → com.microsoft.GroupQueryAttention, against transformers (same cases as the op
-tests, fp32); keqv / reuse stay functions, with the reason recorded."""
+"""lower_ort: the exported ai.gemma4 graphs with PRoPE (both layouts) → com.microsoft.RotaryEmbedding
+and KEqVAttention:kv → com.microsoft.GroupQueryAttention, against transformers (same cases as the op
+tests, fp32); keqv / reuse stay functions, nested PRoPE included, with the reason recorded."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def table_rows(head_dim: int) -> int:
 
 
 @functools.cache
-def lowered_rope(theta: float, fraction: float, head_dim: int) -> Lowered:
-    return Lowered(exported_prope(theta, fraction, head_dim), table_rows(head_dim))
+def lowered_rope(theta: float, fraction: float, head_dim: int, head_axis: int = 2) -> Lowered:
+    return Lowered(exported_prope(theta, fraction, head_dim, head_axis), table_rows(head_dim))
 
 
 @functools.cache
@@ -95,21 +95,28 @@ ROPE_CASES = [
 ROPE_CASES = [(d, s, n) for d, s, n in ROPE_CASES if max(s) + n <= table_rows(d[1])]
 
 
+@pytest.mark.parametrize("head_axis", [2, 1], ids=["bsnd", "bnsd"])
 @pytest.mark.parametrize("layer_type", [SLIDING, FULL])
 @pytest.mark.parametrize(("dims", "starts", "length"), ROPE_CASES, ids=[f"{d[0]}-{s}-{n}" for d, s, n in ROPE_CASES])
-def test_prope_lowered_to_rotary_embedding(layer_type: str, dims: tuple[int, int], starts: list, length: int) -> None:
+def test_prope_lowered_to_rotary_embedding(
+    layer_type: str, dims: tuple[int, int], starts: list, length: int, head_axis: int
+) -> None:
     head_dim = dims[0] if layer_type == SLIDING else dims[1]
     theta, fraction = ROPE[layer_type]
-    lowered = lowered_rope(theta, fraction, head_dim)
+    lowered = lowered_rope(theta, fraction, head_dim, head_axis)
     assert lowered.lowering.lowered == {"PRoPE": 1}
     assert (MS_DOMAIN, "RotaryEmbedding") in lowered.op_types()
     assert not any(d == domain.DOMAIN for d, _ in lowered.op_types())
+    assert not lowered.model.functions
 
     x = torch.randn(len(starts), length, 3, head_dim, generator=torch.Generator().manual_seed(length))
     position_ids = positions(starts, length)
     cos, sin = rotary(*dims)(x, position_ids, layer_type)
+    expected = apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2)
+    if head_axis == 1:
+        x, expected = x.transpose(1, 2).contiguous(), expected.transpose(1, 2)
     (actual,) = lowered.run(x=x, position_ids=position_ids)
-    assert_close(OP, "RotaryEmbedding vs transformers", actual, apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2))
+    assert_close(OP, "RotaryEmbedding vs transformers", actual, expected)
 
 
 def _within_tables(geometry: str, scenario: str) -> bool:
@@ -128,6 +135,7 @@ def test_kv_attention_lowered_to_group_query_attention(geometry: str, scenario: 
     assert lowered.lowering.lowered == {"KEqVAttention:kv": 1}
     assert (MS_DOMAIN, "GroupQueryAttention") in lowered.op_types()
     assert not any(d == domain.DOMAIN for d, _ in lowered.op_types())
+    assert not lowered.model.functions  # the nested PRoPE went with the node
 
     run = transformers_run(geometry, scenario)
     outputs = lowered.run(**op_inputs(geometry, scenario, layer))
@@ -144,6 +152,8 @@ def test_keqv_and_reuse_stay_functions(geometry: str, layer: int, reason: str) -
     assert lowered.lowering.lowered == {}
     assert len(lowered.lowering.skipped) == 1 and reason in lowered.lowering.skipped[0][1]
     assert (domain.DOMAIN, "KEqVAttention") in lowered.op_types()
+    kept = {(f.domain, f.name) for f in lowered.model.functions}
+    assert kept == {(domain.DOMAIN, "KEqVAttention"), (domain.DOMAIN, "PRoPE")}  # PRoPE: called inside
     run = transformers_run(geometry, "decode-beyond-window-batch2-pos1e5")
     (output, *_) = lowered.run(**op_inputs(geometry, "decode-beyond-window-batch2-pos1e5", layer))
     assert_close(OP, "unlowered function vs transformers", output, run["output"][layer])

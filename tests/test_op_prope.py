@@ -29,6 +29,7 @@ def test_inv_freq_is_transformers_buffer(layer_type: str, dims: tuple[int, int])
     assert torch.equal(prope.inv_freq(theta, fraction, head_dim), expected)
 
 
+@pytest.mark.parametrize("head_axis", [2, 1], ids=["bsnd", "bnsd"])
 @pytest.mark.parametrize("layer_type", [SLIDING, FULL])
 @pytest.mark.parametrize("dims", [(16, 32), (256, 512)], ids=["tiny", "real"])
 @pytest.mark.parametrize(
@@ -36,7 +37,8 @@ def test_inv_freq_is_transformers_buffer(layer_type: str, dims: tuple[int, int])
     [([0], 1), ([0], 7), ([123_457], 1), ([0, 100_003], 5), ([262_100, 7], 3)],
     ids=["decode", "prefill", "decode-pos1e5", "batch2-pos1e5", "batch2-pos2.6e5"],
 )
-def test_three_way(layer_type: str, dims: tuple[int, int], starts: list[int], length: int) -> None:
+def test_three_way(layer_type: str, dims: tuple[int, int], starts: list[int], length: int, head_axis: int) -> None:
+    """Both layouts: head_axis 2 on x [B, S, N, D], head_axis 1 on the same x as [B, N, S, D]."""
     head_dim = dims[0] if layer_type == SLIDING else dims[1]
     theta, fraction = ROPE[layer_type]
     generator = torch.Generator().manual_seed(len(starts) * 1000 + length + head_dim)
@@ -45,10 +47,18 @@ def test_three_way(layer_type: str, dims: tuple[int, int], starts: list[int], le
 
     cos, sin = rotary(*dims)(x, position_ids, layer_type)
     expected = apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2)
-    reference = torch.ops.gemma4.prope(x, position_ids, theta, fraction)
-    assert_close(OP, "reference vs transformers", reference, expected)
-    (actual,) = exported_prope(theta, fraction, head_dim).run(x=x, position_ids=position_ids)
-    assert_close(OP, "onnxruntime vs transformers", actual, expected)
+    layout = "bsnd" if head_axis == 2 else "bnsd"
+    if head_axis == 1:
+        x, expected = x.transpose(1, 2).contiguous(), expected.transpose(1, 2)
+    reference = torch.ops.gemma4.prope(x, position_ids, theta, fraction, head_axis)
+    assert_close(OP, f"reference vs transformers ({layout})", reference, expected)
+    (actual,) = exported_prope(theta, fraction, head_dim, head_axis).run(x=x, position_ids=position_ids)
+    assert_close(OP, f"onnxruntime vs transformers ({layout})", actual, expected)
+
+
+def test_head_axis_is_checked() -> None:
+    with pytest.raises(ValueError, match="head_axis"):
+        torch.ops.gemma4.prope(torch.zeros(1, 1, 1, 16), positions([0], 1), 1e4, 1.0, 3)
 
 
 def test_pass_through_dims_of_proportional_rope() -> None:
