@@ -78,11 +78,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    if args.calibration:
-        raise NotBuiltYet("quantize --calibration (calibrated algorithms and the auto recipe)")
     from gemma4_onnx.quantize.apply import quantize_package
 
-    out = quantize_package(Path(args.model_dir), Path(args.out_dir), args.recipe, force=args.force)
+    calibration = Path(args.calibration) if args.calibration else None
+    out = quantize_package(Path(args.model_dir), Path(args.out_dir), args.recipe, force=args.force,
+                           calibration=calibration)
     say(f"quantized package: {out}")
     return 0
 

@@ -13,6 +13,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gemma4_onnx import tolerances
+from gemma4_onnx.builtin_text import BUILTIN_TEXT
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.progress import progress
 from gemma4_onnx.runtime.blocks import run_block
@@ -23,49 +24,6 @@ EVAL_TOKENS = 4096
 WINDOW = 512
 PROMPT_TOKENS = 128
 
-BUILTIN_TEXT = '''import json
-import os
-from pathlib import Path
-
-
-def read_config(path):
-    """Read a JSON configuration file and return its contents as a dictionary."""
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected an object, got {type(config).__name__}")
-    return config
-
-
-def merge(base, override):
-    """Merge two configuration dictionaries, recursing into nested dictionaries."""
-    result = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merge(result[key], value)
-        else:
-            result[key] = value
-    return result
-
-
-class Settings:
-    """Settings loaded from a directory of JSON files, later files overriding earlier ones."""
-
-    def __init__(self, directory):
-        self.directory = Path(directory)
-        self.values = {}
-        for name in sorted(os.listdir(self.directory)):
-            if name.endswith(".json"):
-                self.values = merge(self.values, read_config(self.directory / name))
-
-    def get(self, key, default=None):
-        node = self.values
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
-'''
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:

@@ -13,6 +13,7 @@ ops read the same [V, H/block, block] layout.
     ids ─Gather(E)─► e                   becomes   ids ─GatherBlockQuantized(E_q, scales, zero_points)─► e
 """
 
+import functools
 import json
 import shutil
 from dataclasses import replace
@@ -26,11 +27,14 @@ from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmu
 
 from gemma4_onnx import __version__
 from gemma4_onnx.atomic import publish_dir
+from gemma4_onnx.builtin_text import calibration_text
 from gemma4_onnx.errors import NotBuiltYet, UsageError
 from gemma4_onnx.exporter.geometry import text_geometry
 from gemma4_onnx.graphs.external_data import PackageWriter, external_entries
 from gemma4_onnx.graphs.manifest import MANIFEST, graph_signature, read_manifest, write_manifest
 from gemma4_onnx.progress import progress
+from gemma4_onnx.quantize.calibration import input_hessians
+from gemma4_onnx.quantize.gptq import gptq
 from gemma4_onnx.quantize.plan import Entry, resolve
 from gemma4_onnx.quantize.recipe import Decision, load_recipe
 from gemma4_onnx.runtime.text_model import check_files_present
@@ -41,9 +45,16 @@ ACCURACY_LEVEL = 1
 PLAN_KEY = "gemma4_onnx.quantization_plan"
 
 
-def blockwise(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def blockwise(weight: np.ndarray, decision: Decision,
+              hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """W [N, K] → (packed uint8 [N, K/block, block·bits/8], scales [N, K/block], zero points uint8),
     blocks along K, by onnxruntime's kernels. Zero points are always returned (8 / 128 if symmetric)."""
+    if decision.algorithm == "gptq" and hessian is not None:
+        assert decision.bits is not None
+        codes, scales, zeros = gptq(weight, hessian, decision.bits, decision.block_size, decision.symmetric)
+        return _pack(codes, scales, zeros, decision)
+    if decision.algorithm == "gptq":  # tensors no MatMul reads (the PLE table): round to nearest
+        decision = replace(decision, algorithm="rtn")
     if decision.algorithm == "hqq":
         return _hqq(weight, decision)
     if decision.algorithm == "k-quant":
@@ -127,7 +138,8 @@ def _pack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
     for j in range(per_byte):  # element 2i in the low nibble, as MatMulNBits reads it
         packed |= grouped[:, :, j] << (bits * j)
     blocks = k_padded // block
-    zero_codes = np.clip(np.round(zeros.astype(np.float64)), 0, (1 << bits) - 1).astype(np.uint8).reshape(n, blocks)
+    zero_codes: np.ndarray = np.clip(np.round(zeros.astype(np.float64)), 0, (1 << bits) - 1)
+    zero_codes = zero_codes.astype(np.uint8).reshape(n, blocks)
     if bits == 4:
         zero_codes = np.pad(zero_codes, ((0, 0), (0, blocks % 2)))
         zero_codes = zero_codes[:, 0::2] | (zero_codes[:, 1::2] << 4)
@@ -135,10 +147,10 @@ def _pack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
 
 
 def bits_per_weight(decision: Decision) -> float:
-    """Stored bits per weight, scales (fp32) and zero points counted."""
+    """Stored bits per weight, scales (fp16) and zero points counted."""
     if decision.bits is None:
         return 32.0
-    return decision.bits + (32 + decision.bits) / decision.block_size
+    return decision.bits + (16 + decision.bits) / decision.block_size
 
 
 class _Graph:
@@ -163,8 +175,10 @@ class _Graph:
 
 
 class Quantizer:
-    def __init__(self, source: Path, staging: Path, plan: list[Entry], ple_dim: int) -> None:
+    def __init__(self, source: Path, staging: Path, plan: list[Entry], ple_dim: int,
+                 hessians: dict[str, np.ndarray]) -> None:
         self.source = source
+        self.hessians = hessians
         self.ple_dim = ple_dim
         self.plan = {e.candidate.name: e for e in plan}
         self.writer = PackageWriter(staging)
@@ -192,12 +206,22 @@ class Quantizer:
             weight = self._array(name)
             if weight.ndim != 2:
                 raise NotBuiltYet(f"quantizing {self.plan[name].candidate.kind} tensors ({name})")
-            packed, scales, zero_points = blockwise(weight.astype(np.float32), decision)
-            location = self._location(name)
-            for tensor_name, array in zip(names, (packed, scales, zero_points), strict=True):
-                self.writer.add(tensor_name, location, lambda a=array: a)
-                self.quantized_names.append(tensor_name)
+            packed, scales, zero_points = blockwise(weight.astype(np.float32), decision, self.hessians.get(name))
+            self._write(names, (packed, scales.astype(np.float16), zero_points), self._location(name))
         return names, decision
+
+    def _write(self, names: list[str], arrays: tuple[np.ndarray, ...], location: str) -> None:
+        for name, array in zip(names, arrays, strict=True):
+            self.writer.add(name, location, functools.partial(np.asarray, array))
+            self.quantized_names.append(name)
+
+    def _scales32(self, scales: str) -> str:
+        """Scales are stored in fp16 (2 bytes per block); the ops take the activations' fp32."""
+        name = f"{scales}.float32"
+        if name not in self.casts:
+            self.casts[name] = helper.make_node("Cast", [scales], [name], name=f"{scales}.cast",
+                                                to=onnx.TensorProto.FLOAT)
+        return name
 
     def rewrite(self, model: onnx.ModelProto, graph_dir: str) -> onnx.ModelProto:
         graph = _Graph(model)
@@ -205,6 +229,7 @@ class Quantizer:
             self.sources.setdefault(tensor.name, (tensor, graph_dir))
         kept: list[onnx.TensorProto] = []
         self.constants: list[onnx.TensorProto] = []
+        self.casts: dict[str, onnx.NodeProto] = {}
         for tensor in list(model.graph.initializer):
             entry = self.plan.get(tensor.name)
             if entry is not None and entry.decision.quantized:
@@ -218,10 +243,12 @@ class Quantizer:
                     else:
                         raise NotBuiltYet(f"quantizing {tensor.name} as used by {node.op_type}")
             elif tensor.data_location == onnx.TensorProto.EXTERNAL:
-                self.writer.add(tensor.name, self._location(tensor.name), lambda n=tensor.name: self._array(n))
+                self.writer.add(tensor.name, self._location(tensor.name), functools.partial(self._array, tensor.name))
                 kept.append(self.writer.relocated(tensor.name, graph_dir))
             else:
                 kept.append(tensor)
+        for offset, node in enumerate(self.casts.values()):
+            model.graph.node.insert(offset, node)
         used = _inputs(model)
         added = [self.writer.relocated(n, graph_dir) for n in self.quantized_names if n in used]
         del model.graph.initializer[:]
@@ -239,7 +266,7 @@ class Quantizer:
         (packed, scales, zero_points), decision = self._quantized(tensor.name)
         n, k = tensor.dims
         for matmul in matmuls:
-            inputs = [matmul.input[0], packed, scales] + ([] if decision.symmetric else [zero_points])
+            inputs = [matmul.input[0], packed, self._scales32(scales)] + ([] if decision.symmetric else [zero_points])
             graph.replace(matmul, helper.make_node(
                 "MatMulNBits", inputs, list(matmul.output), name=matmul.name + "_nbits", domain=MS,
                 K=int(k), N=int(n), bits=decision.bits, block_size=decision.block_size, accuracy_level=ACCURACY_LEVEL))
@@ -265,13 +292,11 @@ class Quantizer:
             if decision.bits == 4:  # one zero point per byte here: the graph gathers them unpacked
                 zero_points = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)
             zero_points = zero_points[:, : width // block]
-            location = self._location(tensor.name)
-            for name, array in zip(names, (packed.reshape(rows, -1), scales, zero_points), strict=True):
-                self.writer.add(name, location, lambda a=array: a)
-                self.quantized_names.append(name)
+            self._write(names, (packed.reshape(rows, -1), scales.astype(np.float16), zero_points),
+                        self._location(tensor.name))
         out, ids = gather.output[0], gather.input[1]
         p = f"{gather.name or out}.dequant"
-        consts = {f"{p}.blocks_shape": np.array([0, 0, width // block, block], np.int64),
+        consts: dict[str, np.ndarray] = {f"{p}.blocks_shape": np.array([0, 0, width // block, block], np.int64),
                   f"{p}.row_shape": np.array([0, 0, width], np.int64), f"{p}.last": np.array([-1], np.int64),
                   f"{p}.four": np.array(4, np.uint8), f"{p}.mask": np.array(15, np.uint8)}
         nodes = [helper.make_node("Gather", [names[0], ids], [f"{p}.codes"], axis=0)]
@@ -292,7 +317,8 @@ class Quantizer:
             helper.make_node("Gather", [names[2], ids], [f"{p}.zp8"], axis=0),
             helper.make_node("Cast", [f"{p}.zp8"], [f"{p}.zp"], to=onnx.TensorProto.FLOAT),
             helper.make_node("Unsqueeze", [f"{p}.zp", f"{p}.last"], [f"{p}.zp1"]),
-            helper.make_node("Gather", [names[1], ids], [f"{p}.scale"], axis=0),
+            helper.make_node("Gather", [names[1], ids], [f"{p}.scale16"], axis=0),
+            helper.make_node("Cast", [f"{p}.scale16"], [f"{p}.scale"], to=onnx.TensorProto.FLOAT),
             helper.make_node("Unsqueeze", [f"{p}.scale", f"{p}.last"], [f"{p}.scale1"]),
             helper.make_node("Sub", [f"{p}.blocked", f"{p}.zp1"], [f"{p}.centered"]),
             helper.make_node("Mul", [f"{p}.centered", f"{p}.scale1"], [f"{p}.values"]),
@@ -317,7 +343,8 @@ class Quantizer:
         zeros = self.writer.alias(f"{zero_points}.rows", zero_points, (rows, blocks), element)
         self.quantized_names += [data.name, zeros.name]
         graph.replace(gather, helper.make_node(
-            "GatherBlockQuantized", [data.name, gather.input[1], scales, zeros.name], list(gather.output),
+            "GatherBlockQuantized", [data.name, gather.input[1], self._scales32(scales), zeros.name],
+            list(gather.output),
             name=gather.name + "_quantized", domain=MS, gather_axis=0, quantize_axis=1,
             block_size=decision.block_size, bits=decision.bits))
 
@@ -339,7 +366,8 @@ def _initializer_shapes(source: Path, files: list[str]) -> dict[str, tuple[int, 
     return shapes
 
 
-def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bool = False) -> Path:
+def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bool = False,
+                     calibration: Path | None = None) -> Path:
     source = Path(model_dir)
     manifest = read_manifest(source)
     check_files_present(source, manifest)
@@ -351,8 +379,13 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
     files = _graph_files(manifest)
     plan = resolve(recipe, _initializer_shapes(source, files), geometry)
     plan_json = [e.as_dict() for e in plan]
+    calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
+    if calibration is not None and not calibration.is_file():
+        raise UsageError(f"--calibration {calibration} does not exist")
+    text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
+    hessians = input_hessians(source, calibrated, text) if calibrated else {}
     with publish_dir(Path(out_dir), force=force) as staging:
-        quantizer = Quantizer(source, staging, plan, geometry.ple_dim)
+        quantizer = Quantizer(source, staging, plan, geometry.ple_dim, hessians)
         graphs = json.loads(json.dumps(manifest["graphs"]))
         signatures: dict[str, Any] = {}
         try:
@@ -378,6 +411,7 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
             "graphs": graphs,
             "precision": f"quantized ({recipe.name})",
             "quantization": {"recipe": recipe.name, "description": recipe.description,
+                             "calibration": (str(calibration) if calibration else "built-in") if calibrated else None,
                              "source_package": str(source.resolve()), "plan": plan_json,
                              "avg_bits_per_linear_weight": average_bits(plan)},
         })

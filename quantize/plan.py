@@ -68,7 +68,7 @@ def layer_types(candidate: Candidate, geometry: TextGeometry) -> set[str]:
     if candidate.layer is None:
         return set()
     spec = geometry.layers[candidate.layer]
-    types = {spec.attention}
+    types: set[str] = {spec.attention}
     if spec.kv_mode == "reuse":
         types.add("shared")
     if candidate.kind in ("experts", "router"):

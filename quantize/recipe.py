@@ -9,7 +9,7 @@ that matches a tensor decides for it; ``[default]`` decides for the rest::
     bits = 4                  # 4, 8 or "float" (kept as exported)
     block_size = 32           # a power of two, 16 … 256
     symmetric = true
-    algorithm = "rtn"         # rtn | hqq | k-quant (onnxruntime's MatMulNBits quantizers)
+    algorithm = "rtn"         # rtn | hqq | k-quant (onnxruntime's MatMulNBits quantizers) | gptq (calibrated)
 
     [[rules]]
     name = "router"           # optional: how the plan and errors refer to the rule
@@ -34,7 +34,7 @@ from gemma4_onnx.errors import UsageError
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-ALGORITHMS = ("rtn", "hqq", "k-quant")
+ALGORITHMS = ("rtn", "hqq", "k-quant", "gptq")
 LAYER_TYPES = ("sliding", "full", "shared", "moe")
 DECISION_KEYS = ("bits", "block_size", "symmetric", "algorithm")
 RULE_KEYS = ("name", "match", "layers", "layer_types", "skip", "optional", *DECISION_KEYS)

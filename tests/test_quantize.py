@@ -138,16 +138,16 @@ def test_quantizing_a_quantized_package_is_refused(packages, tmp_path: Path) -> 
 
 
 # Quality gates on the trained fixtures (measured on their eval.txt against the float package).
-GATES = tolerances.QUANT_GATES
+GATES = tolerances.QUANT_GATES  # int4-mobile is held to the int4 gates
 NOT_MET = {
-    ("moe-mini", "int8"): "round-to-nearest int8 on moe-mini measures KL 8e-4 (naive reference 5.6e-4)",
-    ("e2b-mini", "int4"): "round-to-nearest int4: KL 8.7e-3; needs calibrated (GPTQ-class) quantization",
-    ("moe-mini", "int4"): "round-to-nearest int4 with float experts: KL above 5e-3",
+    ("moe-mini", "int4"): "KL 3.6e-3 and top-1 0.976 pass, but the experts stay float inside TopKMoE (quantized "
+                          "experts not built yet): 25.3 bits per linear weight",
+    ("moe-mini", "int4-mobile"): "as int4: experts float, 25.3 bits per linear weight",
 }
 
 
 @pytest.mark.parametrize("source", TRAINED_FIXTURES)
-@pytest.mark.parametrize("recipe", list(GATES))
+@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-mobile"])
 def test_quality_gates_on_trained_fixtures(source: str, recipe: str, packages, request) -> None:
     if (source, recipe) in NOT_MET:
         request.applymarker(pytest.mark.xfail(strict=True, reason=NOT_MET[source, recipe]))
@@ -155,7 +155,7 @@ def test_quality_gates_on_trained_fixtures(source: str, recipe: str, packages, r
     result = run_parity(package, checkpoint, checkpoint / "eval.txt", steps=4)
     text = result["text"]
     assert result["size"]["avg_bits_per_linear_weight"] > 0
-    gate = GATES[recipe]
+    gate = GATES["int8" if recipe == "int8" else "int4"]
     assert text["kl_mean"] <= gate["kl_mean"]
     assert text["top1_agreement"] >= gate["top1_agreement"]
     if "bits_per_byte_increase" in gate:
