@@ -13,16 +13,19 @@ Weights stream: each tensor is read from the source when its block is written an
 Each distinct layer kind is traced once (see ``trace``); every other layer reuses its function.
 """
 
+import functools
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 
 from gemma4_onnx import __version__
 from gemma4_onnx.atomic import publish_dir
+from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.decoder_layer import DecoderLayerBlock, layer_kind
 from gemma4_onnx.exporter.embed import EmbedBlock
 from gemma4_onnx.exporter.geometry import LayerSpec, TextGeometry
@@ -32,6 +35,7 @@ from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
 from gemma4_onnx.exporter.weights import WeightSource, open_source
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
 from gemma4_onnx.graphs.external_data import PackageWriter
+from gemma4_onnx.graphs.lower_ort import lower_to_ort
 from gemma4_onnx.graphs.manifest import graph_signature, write_manifest
 from gemma4_onnx.progress import progress
 
@@ -67,17 +71,30 @@ def cache_layout(geometry: TextGeometry) -> list[dict[str, Any]]:
 class _Writer(PackageWriter):
     """The package writer, reading each weight from the export's source when it is first written."""
 
+    def __init__(self, root: Path, structure_only: bool, target: str) -> None:
+        super().__init__(root, structure_only)
+        self.target = target
+        self.lowering: dict[str, Any] = {}
+
     def tensor(self, weights: WeightSource, name: str, location: str) -> onnx.TensorProto:
         return self.add(name, location, lambda: weights.tensor(name, torch.float32).numpy(), weights.shape(name))
 
 
-def export_package(source: str, out_dir: Path, force: bool = False, structure_only: bool = False) -> Path:
-    """Export ``source``; with ``structure_only`` the graphs, signatures and cache layout are written but
-    no weight data (full-size variants whose fp32 weights would not fit the disk): such a package
-    documents and checks the structure, it cannot run."""
+TARGETS = ("portable", "ort")
+ROPE_TABLES = "blocks/rope.data"
+
+
+def export_package(source: str, out_dir: Path, force: bool = False, structure_only: bool = False,
+                   target: str = "portable") -> Path:
+    """Export ``source``. ``target`` "portable" keeps the ai.gemma4 functions (any runtime); "ort" swaps in
+    onnxruntime's fused kernels where they fit (``graphs.lower_ort``). With ``structure_only`` the graphs,
+    signatures and cache layout are written but no weight data (full-size variants whose fp32 weights
+    would not fit the disk): such a package documents and checks the structure, it cannot run."""
+    if target not in TARGETS:
+        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     weights = open_source(source)
     with publish_dir(Path(out_dir), force=force) as staging:
-        writer = _Writer(staging, structure_only)
+        writer = _Writer(staging, structure_only, target)
         try:
             graphs = _export_graphs(weights, staging, writer)
         finally:
@@ -88,6 +105,8 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
             "libraries": _library_versions(),
             "source": weights.describe(),
             "precision": "float32",
+            "target": target,
+            "lowering": writer.lowering or None,
             "weights": "none: structure only" if structure_only else "complete",
             "text_config": weights.config["text_config"],
             "token_ids": {k: v for k, v in weights.config.items() if k.endswith(("_token_id", "_token_index"))},
@@ -139,7 +158,7 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
         names = [prefix + w for w in traced.weights]
         for n in names:
             decoder_inits[n] = writer.tensor(weights, n, location)
-        blocks.append(_save_block(root, spec, traced, block, names, writer))
+        blocks.append(_save_block(root, spec, traced, block, names, writer, _max_position(weights)))
         decoder_functions += [traced.function, *traced.functions]
 
         inputs = [hidden]
@@ -186,21 +205,47 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
             decoder_inputs.append(tensor_info(name, FLOAT, ["batch", spec.num_kv_heads, past_len, spec.head_dim]))
         for name in cache_names(spec, "present"):
             decoder_outputs.append(tensor_info(name, FLOAT, ["batch", spec.num_kv_heads, None, spec.head_dim]))
-    graphs["decoder"] = _save(root, "decoder.onnx", build_model(
-        "decoder", decoder_inputs, decoder_outputs, decoder_nodes, list(decoder_inits.values()), decoder_functions))
+    decoder = build_model("decoder", decoder_inputs, decoder_outputs, decoder_nodes, list(decoder_inits.values()),
+                          decoder_functions)
+    if writer.target == "ort":
+        decoder = _lower(decoder, writer, "", _max_position(weights))
+    graphs["decoder"] = _save(root, "decoder.onnx", decoder)
     graphs["blocks"] = blocks
     return graphs
 
 
+def _max_position(weights: WeightSource) -> int:
+    return int(weights.config["text_config"].get("max_position_embeddings", 8192))
+
+
 def _save_block(root: Path, spec: LayerSpec, traced: TracedBlock, block: DecoderLayerBlock, names: list[str],
-                writer: _Writer) -> dict[str, Any]:
+                writer: _Writer, max_position: int) -> dict[str, Any]:
     inputs = [tensor_info(n, t, s) for n, t, s in block.activation_infos()]
     outputs = [tensor_info(n, t, s) for n, t, s in block.output_infos()]
     inits = [writer.relocated(n, "blocks") for n in names]
     model = build_model(f"layer_{spec.index}", inputs, outputs,
                         [call(traced.function, [*block.activation_names, *names], traced.outputs, "layer")],
                         inits, [traced.function, *traced.functions])
+    if writer.target == "ort":
+        model = _lower(model, writer, "blocks", max_position)
     return {"layer": spec.index, **_save(root, block_file(spec.index) + ".onnx", model)}
+
+
+def _lower(model: onnx.ModelProto, writer: _Writer, graph_dir: str, max_position: int) -> onnx.ModelProto:
+    """``--target ort``: fused onnxruntime kernels where they fit; the rotary tables they need go to
+    ``blocks/rope.data``, shared by every graph."""
+    ir_model = ir.serde.deserialize_model(model)
+    lowering = lower_to_ort(ir_model, max_position)
+    writer.lowering[model.graph.name] = {"lowered": dict(lowering.lowered),
+                                         "kept_as_functions": sorted({reason for _, reason in lowering.skipped})}
+    lowered = ir.serde.serialize_model(ir_model)
+    inline = [t for t in lowered.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and t.raw_data]
+    for tensor in inline:
+        if len(tensor.raw_data) >= 1 << 16:
+            array = onnx.numpy_helper.to_array(tensor)
+            writer.add(tensor.name, ROPE_TABLES, functools.partial(np.asarray, array))
+            tensor.CopyFrom(writer.relocated(tensor.name, graph_dir))
+    return lowered
 
 
 def _save(root: Path, relative: str, model: onnx.ModelProto) -> dict[str, Any]:

@@ -50,7 +50,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise NotBuiltYet("export --recipe (streaming quantization)")
     from gemma4_onnx.exporter.package import export_package
 
-    out = export_package(args.source, Path(args.out_dir), force=args.force, structure_only=args.structure_only)
+    out = export_package(args.source, Path(args.out_dir), force=args.force, structure_only=args.structure_only,
+                         target=args.target)
     say(f"package: {out}")
     return 0
 
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--recipe")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--target", choices=["portable", "ort"], default="portable",
+                   help="portable: ai.gemma4 functions (any runtime); ort: onnxruntime's fused kernels where they fit")
     p.add_argument("--structure-only", action="store_true",
                    help="graphs, signatures and cache layout without weight data (cannot run)")
 

@@ -116,3 +116,16 @@ def test_variant_name_exports_the_same_weights_as_its_random_checkpoint(tmp_path
     files = [json.loads((d / "manifest.json").read_text())["files"] for d in (from_name, from_dir)]
     data = [{n: e["sha256"] for n, e in f.items() if n.endswith((".data", ".onnx"))} for f in files]
     assert data[0] == data[1] and len(data[0]) > 4
+
+
+@pytest.mark.parametrize("source", ["tiny-26b-a4b", "e2b-mini"])
+def test_ort_target_matches_transformers(source: str, exported, tmp_path: Path) -> None:
+    checkpoint, _ = exported(source)
+    package = export_package(str(checkpoint), tmp_path / "ort", target="ort")
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["target"] == "ort" and manifest["lowering"]["decoder"]["lowered"]
+    decoder = onnx.load(package / "decoder.onnx", load_external_data=False)
+    assert any(n.op_type == "GroupQueryAttention" for n in decoder.graph.node)
+    text = checkpoint / "eval.txt" if source in TRAINED_FIXTURES else None
+    result = run_parity(package, checkpoint, text, steps=32)
+    assert result["passed"], result["checks"]
