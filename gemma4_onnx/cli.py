@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     p.add_argument("--recipe", default="int4")
-    p.add_argument("--calibration")
+    p.add_argument("--calibration", help="text file for calibrated algorithms (default: built-in code text)")
+    p.add_argument("--budget-bits", type=float, help="average bits per linear weight for --recipe auto")
     p.add_argument("--force", action="store_true")
 
     p = verb("parity", cmd_parity, "compare onnxruntime with transformers and write parity.json")

@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gemma4_onnx.errors import UsageError
+from gemma4_onnx.errors import NotBuiltYet, UsageError
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -176,6 +176,8 @@ BUILTIN = ("int8", "int4", "int4-mobile")
 
 def load_recipe(spec: str) -> Recipe:
     """A built-in recipe by name, or a recipe file (``*.toml``)."""
+    if spec == "auto":
+        raise NotBuiltYet("recipe auto (sensitivity-driven bit budget)")
     if spec in BUILTIN:
         text = resources.files("gemma4_onnx.quantize").joinpath(f"recipes/{spec}.toml").read_text()
         return parse_recipe(spec, text)
