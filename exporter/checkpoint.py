@@ -7,7 +7,6 @@ carry k/v projections for KV-shared layers that the reference drops: they are ig
 """
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from safetensors import safe_open
 from gemma4_onnx.errors import CheckpointError, ConfigError
 from gemma4_onnx.exporter.geometry import TextGeometry, text_geometry
 from gemma4_onnx.exporter.hf_model import expected_tensors, ignorable_tensors
-from gemma4_onnx.exporter.safetensors_io import DTYPES, TensorEntry, read_header
+from gemma4_onnx.exporter.safetensors_io import TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -151,7 +150,3 @@ def _read_entries(directory: Path) -> dict[str, TensorEntry]:
                 raise CheckpointError(f"missing tensor {name} ({INDEX_FILE} places it in {file}, which does not "
                                       "hold it)")
     return entries
-
-
-def tensor_nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    return math.prod(shape) * DTYPES[dtype].itemsize

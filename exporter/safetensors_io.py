@@ -86,9 +86,6 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-Chunks = Callable[[], Iterator[torch.Tensor]]
-
-
 @dataclass(frozen=True)
 class PlannedTensor:
     """A tensor to write: its name, shape and dtype, and a callable yielding its data in row chunks."""
@@ -96,7 +93,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    chunks: Chunks
+    chunks: Callable[[], Iterator[torch.Tensor]]
 
 
 def write_streaming(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> None:

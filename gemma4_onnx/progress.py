@@ -15,10 +15,6 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def is_quiet() -> bool:
-    return _quiet
-
-
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Iterate ``items`` with a bar on stderr, unless quiet."""
     yield from tqdm(items, desc=desc, total=total, unit=unit, disable=_quiet, leave=False, dynamic_ncols=True)

@@ -14,7 +14,7 @@ from types import TracebackType
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 PAGE = 1 << 16  # 64 KiB: mmap granularity on Windows, a multiple of the 4 KiB page elsewhere
 SMALL_ALIGN = 64
@@ -73,11 +73,6 @@ class DataFile:
 
 def external_entries(tensor: TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def inline_tensor(name: str, array: np.ndarray) -> TensorProto:
-    """A small initializer kept inside the model file (shape constants, scalars)."""
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
 class PackageWriter:
