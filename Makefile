@@ -71,8 +71,8 @@ quantize: $(STAMP) ## quantize MODEL with RECIPE into QOUT
 parity: $(STAMP) ## parity of MODEL against CHECKPOINT (writes REPORT/parity.json)
 	@$(call STAGE,$(CLI) parity $(MODEL) --checkpoint $(or $(CHECKPOINT),build/checkpoints/$(VARIANT)) --out $(REPORT),parity: $(REPORT)/parity.json)
 
-report: $(STAMP) ## render the reports under build/reports
-	@$(call STAGE,$(CLI) report build/reports/* --out build/report,report: build/report/report.html)
+report: $(STAMP) ## float + every recipe side by side for tiny-e2b and the fixtures (build/reports/*/report.html)
+	$(BIN)/python -m gemma4_onnx.report_run build/reports
 
 mobile: $(STAMP) ## ORT-format mobile package of MODEL
 	@$(call STAGE,$(CLI) mobile $(MODEL) build/$(VARIANT)-mobile,mobile: build/$(VARIANT)-mobile)

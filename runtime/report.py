@@ -1,0 +1,148 @@
+"""``gemma4-onnx report``: several parity runs side by side, as report.md and a self-contained report.html.
+
+Each input is a directory holding a ``parity.json`` (fp32, int8, int4, …). The HTML draws its plots as
+inline SVG, so it opens offline and fetches nothing: per-layer cosine along depth (which layers hurt),
+KL and top-1 per run, bits per byte, and package size by file with the PLE file apart.
+"""
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from gemma4_onnx.errors import UsageError
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
+
+
+def load_runs(directories: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for directory in directories:
+        path = directory / "parity.json" if directory.is_dir() else directory
+        if not path.is_file():
+            raise UsageError(f"{directory}: no parity.json (run gemma4-onnx parity --out {directory} first)")
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not valid JSON ({exc})") from None
+        quantization = result.get("quantization") or {}
+        result["label"] = quantization.get("recipe") or result.get("precision") or path.parent.name
+        runs.append(result)
+    return runs
+
+
+def _row(run: dict[str, Any]) -> dict[str, Any]:
+    text, size = run["text"], run.get("size") or {}
+    worst = min(run["blocks"], key=lambda b: b["cosine"]) if run["blocks"] else None
+    return {
+        "run": run["label"],
+        "KL (nats)": f"{text['kl_mean']:.3g}",
+        "top-1": f"{text['top1_agreement']:.4f}",
+        "bits/byte": f"{text['bits_per_byte_onnx']:.4f} (float {text['bits_per_byte_reference']:.4f})",
+        "greedy": f"{text['greedy_match_steps']}/{text['greedy_steps']}",
+        "bits/linear weight": f"{size.get('avg_bits_per_linear_weight', 32.0):.2f}",
+        "total MB": f"{size.get('total_bytes', 0) / 1e6:.2f}",
+        "PLE MB": f"{size.get('ple_bytes', 0) / 1e6:.2f}",
+        "worst block": f"{worst['name']} ({worst['cosine']:.6f})" if worst else "-",
+    }
+
+
+def markdown(runs: list[dict[str, Any]]) -> str:
+    rows = [_row(r) for r in runs]
+    header = list(rows[0])
+    lines = ["# Parity report", "", f"Checkpoint: `{runs[0].get('checkpoint', '?')}`", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    lines += ["", "## Per-layer cosine (block output vs transformers, reference inputs)", "",
+              "| layer | " + " | ".join(r["label"] for r in runs) + " |", "|" + "---|" * (len(runs) + 1)]
+    for i, block in enumerate(runs[0]["blocks"]):
+        values = [f"{r['blocks'][i]['cosine']:.6f}" if i < len(r["blocks"]) else "-" for r in runs]
+        lines.append(f"| {block['name']} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _line_chart(title: str, series: list[tuple[str, list[float]]], y_label: str) -> str:
+    width, height, pad = 760, 260, 48
+    values = [v for _, ys in series for v in ys] or [0.0]
+    low, high = min(values), max(values)
+    if high == low:
+        low, high = low - 1e-9, high + 1e-9
+    count = max(len(ys) for _, ys in series) or 1
+
+    def point(i: int, v: float) -> str:
+        x = pad + (width - 3 * pad) * (i / max(count - 1, 1))
+        y = height - pad - (height - 2 * pad) * ((v - low) / (high - low))
+        return f"{x:.1f},{y:.1f}"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{html.escape(title)}">',
+             f'<text x="{pad}" y="20" font-size="14">{html.escape(title)}</text>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
+             f'<text x="4" y="{pad}" font-size="10">{high:.6g}</text>',
+             f'<text x="4" y="{height - pad}" font-size="10">{low:.6g}</text>',
+             f'<text x="{width / 2}" y="{height - 8}" font-size="11">{html.escape(y_label)}</text>']
+    for k, (name, ys) in enumerate(series):
+        color = COLORS[k % len(COLORS)]
+        points = " ".join(point(i, v) for i, v in enumerate(ys))
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
+        parts.append(f'<text x="{width - 2 * pad + 8}" y="{pad + 14 * k}" font-size="11" fill="{color}">'
+                     f'{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _bar_chart(title: str, bars: list[tuple[str, float]], unit: str) -> str:
+    width, row = 640, 22
+    height = 30 + row * len(bars)
+    top = max((v for _, v in bars), default=1.0) or 1.0
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{html.escape(title)}">', f'<text x="0" y="16" font-size="14">{html.escape(title)}</text>']
+    for i, (name, value) in enumerate(bars):
+        y = 26 + i * row
+        length = 360 * value / top
+        parts.append(f'<text x="0" y="{y + 14}" font-size="11">{html.escape(name)}</text>')
+        parts.append(f'<rect x="200" y="{y}" width="{length:.1f}" height="{row - 6}" '
+                     f'fill="{COLORS[i % len(COLORS)]}"/>')
+        parts.append(f'<text x="{206 + length:.1f}" y="{y + 13}" font-size="11">{value:.4g} {unit}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_report(runs: list[dict[str, Any]]) -> str:
+    rows = [_row(r) for r in runs]
+    header = list(rows[0])
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(str(r[h]))}</td>" for h in header) + "</tr>"
+                     for r in rows) + "</table>"
+    depth = _line_chart("Per-layer cosine along depth (1 = identical to transformers)",
+                        [(r["label"], [b["cosine"] for b in r["blocks"]]) for r in runs], "decoder layer")
+    kl = _bar_chart("KL(reference || onnx), mean over positions", [(r["label"], r["text"]["kl_mean"]) for r in runs],
+                    "nats")
+    top1 = _bar_chart("Top-1 agreement", [(r["label"], r["text"]["top1_agreement"]) for r in runs], "")
+    bpb = _bar_chart("Bits per byte of the evaluated text",
+                     [(r["label"], r["text"]["bits_per_byte_onnx"]) for r in runs], "bits/B")
+    sizes = []
+    for r in runs:
+        size = r.get("size") or {}
+        ple = size.get("ple_bytes", 0)
+        sizes += [(f"{r['label']}: PLE file", ple / 1e6),
+                  (f"{r['label']}: everything else", (size.get("total_bytes", 0) - ple) / 1e6)]
+    size_chart = _bar_chart("Package size (PLE file shown apart)", sizes, "MB")
+    body = "".join(f"<section>{chart}</section>" for chart in (depth, kl, top1, bpb, size_chart))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:900px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}section{margin:1.5em 0}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>gemma4-onnx parity report</title>"
+            f"<style>{style}</style></head><body><h1>Parity report</h1>"
+            f"<p>Checkpoint: <code>{html.escape(str(runs[0].get('checkpoint', '?')))}</code></p>{table}{body}"
+            "</body></html>\n")
+
+
+def write_report(directories: list[Path], out: Path) -> Path:
+    runs = load_runs(directories)
+    if not runs:
+        raise UsageError("report needs at least one parity directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown(runs))
+    (out / "report.html").write_text(html_report(runs))
+    return out
