@@ -60,21 +60,17 @@ class DecoderLayerBlock(nn.Module):
 
     # --- signature ------------------------------------------------------------------------------------
     @property
-    def cache_parts(self) -> list[str]:
-        return ["key_value"] if self.spec.k_eq_v else ["key", "value"]
-
-    @property
     def activation_names(self) -> list[str]:
         names = ["hidden_states", *(["per_layer_input"] if self.ple_dim else []), "position_ids"]
         if self.spec.owns_cache:
-            return names + [f"past_{p}" for p in self.cache_parts]
+            return names + [f"past_{p}" for p in self.spec.cache_parts]
         return [*names, "shared_key", "shared_value"]
 
     @property
     def output_names(self) -> list[str]:
         names = ["hidden_states_out"]
         if self.spec.owns_cache:
-            names += [f"present_{p}" for p in self.cache_parts]
+            names += [f"present_{p}" for p in self.spec.cache_parts]
         if self.spec.kv_mode == "store":
             names += ["published_key", "published_value"]
         return names
@@ -87,11 +83,11 @@ class DecoderLayerBlock(nn.Module):
             "hidden_states": (FLOAT, ["batch", "sequence", self.hidden_size]),
             "per_layer_input": (FLOAT, ["batch", "sequence", self.ple_dim]),
             "position_ids": (INT64, ["batch", "sequence"]),
-            **{f"past_{p}": (FLOAT, cache) for p in self.cache_parts},
+            **{f"past_{p}": (FLOAT, cache) for p in self.spec.cache_parts},
             "shared_key": (FLOAT, kv), "shared_value": (FLOAT, kv),
             "hidden_states_out": (FLOAT, ["batch", "sequence", self.hidden_size]),
             **{f"present_{p}": (FLOAT, ["batch", s.num_kv_heads, "present_sequence", s.head_dim])
-               for p in self.cache_parts},
+               for p in self.spec.cache_parts},
             "published_key": (FLOAT, kv), "published_value": (FLOAT, kv),
         }
 
@@ -116,7 +112,7 @@ class DecoderLayerBlock(nn.Module):
         if self.ple_dim:
             example.append(torch.randn(b, n, self.ple_dim))
         example.append(torch.arange(EXAMPLE_PAST, EXAMPLE_PAST + n).unsqueeze(0))
-        parts = len(self.cache_parts) if s.owns_cache else 2
+        parts = len(self.spec.cache_parts) if s.owns_cache else 2
         example += [torch.randn(b, s.num_kv_heads, past, s.head_dim) for _ in range(parts)]
         return example
 

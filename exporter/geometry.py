@@ -40,6 +40,11 @@ class LayerSpec:
     def owns_cache(self) -> bool:
         return self.kv_mode != "reuse"
 
+    @property
+    def cache_parts(self) -> list[str]:
+        """The cache tensors of a cache-owning layer: one on K=V layers, keys and values otherwise."""
+        return ["key_value"] if self.k_eq_v else ["key", "value"]
+
 
 @dataclass(frozen=True)
 class TextGeometry:

@@ -32,7 +32,7 @@ from gemma4_onnx.exporter.geometry import LayerSpec, TextGeometry
 from gemma4_onnx.exporter.head import HeadBlock
 from gemma4_onnx.exporter.hf_model import STATE_PREFIX
 from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
-from gemma4_onnx.exporter.weights import WeightSource, open_source
+from gemma4_onnx.exporter.weights import CheckpointWeights, WeightSource, open_source
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
 from gemma4_onnx.graphs.external_data import PackageWriter
 from gemma4_onnx.graphs.lower_ort import lower_to_ort
@@ -51,8 +51,7 @@ def block_file(index: int) -> str:
 
 
 def cache_names(spec: LayerSpec, prefix: str) -> list[str]:
-    parts = ["key_value"] if spec.k_eq_v else ["key", "value"]
-    return [f"{prefix}.{spec.index}.{part}" for part in parts]
+    return [f"{prefix}.{spec.index}.{part}" for part in spec.cache_parts]
 
 
 def cache_layout(geometry: TextGeometry) -> list[dict[str, Any]]:
@@ -125,10 +124,7 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
     traced_embed = trace_block(embed, "embed", [torch.tensor([[2, 3, 4]])], ["input_ids"], embed.output_names,
                                [{0: "batch", 1: "sequence"}])
     embed_inputs = [tensor_info("input_ids", INT64, ["batch", "sequence"])]
-    embed_outputs = [tensor_info("inputs_embeds", FLOAT, ["batch", "sequence", geometry.hidden_size])]
-    if geometry.ple_dim:
-        embed_outputs.append(tensor_info("per_layer_inputs", FLOAT,
-                                         ["batch", "sequence", geometry.num_layers, geometry.ple_dim]))
+    embed_outputs = _embedding_infos(geometry)
     names = [STATE_PREFIX + w for w in traced_embed.weights]
     inits = [writer.tensor(weights, n, "ple.data" if n == PLE_TABLE else "embed.data") for n in names]
     graphs["embed"] = _save(root, "embed.onnx", build_model(
@@ -193,11 +189,7 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
     decoder_nodes.append(call(traced_head.function, [hidden, *head_names], ["logits"], "head"))
     decoder_functions += [traced_head.function, *traced_head.functions]
 
-    decoder_inputs = [tensor_info("inputs_embeds", FLOAT, ["batch", "sequence", geometry.hidden_size])]
-    if geometry.ple_dim:
-        decoder_inputs.append(tensor_info("per_layer_inputs", FLOAT,
-                                          ["batch", "sequence", geometry.num_layers, geometry.ple_dim]))
-    decoder_inputs.append(tensor_info("position_ids", INT64, ["batch", "sequence"]))
+    decoder_inputs = [*_embedding_infos(geometry), tensor_info("position_ids", INT64, ["batch", "sequence"])]
     decoder_outputs = [tensor_info("logits", FLOAT, ["batch", "sequence", geometry.vocab_size])]
     for spec in geometry.cache_layers:
         past_len = "past_sequence" if spec.attention == "full" else f"past_sliding_{spec.index}"
@@ -212,6 +204,15 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
     graphs["decoder"] = _save(root, "decoder.onnx", decoder)
     graphs["blocks"] = blocks
     return graphs
+
+
+def _embedding_infos(geometry: TextGeometry) -> list[onnx.ValueInfoProto]:
+    """What embed.onnx hands the decoder: inputs_embeds, and per_layer_inputs on E-models."""
+    infos = [tensor_info("inputs_embeds", FLOAT, ["batch", "sequence", geometry.hidden_size])]
+    if geometry.ple_dim:
+        infos.append(tensor_info("per_layer_inputs", FLOAT,
+                                 ["batch", "sequence", geometry.num_layers, geometry.ple_dim]))
+    return infos
 
 
 def _max_position(weights: WeightSource) -> int:
@@ -256,8 +257,8 @@ def _save(root: Path, relative: str, model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def _copy_side_files(weights: WeightSource, staging: Path) -> None:
-    checkpoint_dir = getattr(getattr(weights, "checkpoint", None), "directory", None)
-    if checkpoint_dir is not None:
+    if isinstance(weights, CheckpointWeights):
+        checkpoint_dir = weights.checkpoint.directory
         for name in COPIED_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, staging / name)
@@ -267,7 +268,7 @@ def _copy_side_files(weights: WeightSource, staging: Path) -> None:
     from gemma4_onnx.exporter.tokenizer import write_tokenizer
 
     (staging / "config.json").write_text(json.dumps(weights.config, indent=2) + "\n")
-    write_tokenizer(staging, weights.config["text_config"].get("max_position_embeddings", 8192))
+    write_tokenizer(staging, _max_position(weights))
 
 
 def _library_versions() -> dict[str, str]:

@@ -52,7 +52,7 @@ class Reference:
             if per_layer_input is not None:
                 feeds["per_layer_input"] = per_layer_input.numpy().copy()
             if spec.owns_cache:
-                for part in (["key_value"] if spec.k_eq_v else ["key", "value"]):
+                for part in spec.cache_parts:
                     feeds[f"past_{part}"] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
             else:
                 key, value = kwargs["shared_kv_states"][self.model.config.get_text_config().layer_types[spec.index]]

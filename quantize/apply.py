@@ -153,6 +153,11 @@ def bits_per_weight(decision: Decision) -> float:
     return decision.bits + (16 + decision.bits) / decision.block_size
 
 
+def quantized_names(name: str, decision: Decision) -> list[str]:
+    """The initializers a quantized tensor becomes: packed codes, scales, zero points."""
+    return [f"{name}.q{decision.bits}", f"{name}.scales", f"{name}.zero_points"]
+
+
 class _Graph:
     """One graph being rewritten: producers and consumers of values, by name."""
 
@@ -201,7 +206,7 @@ class Quantizer:
     def _quantized(self, name: str) -> tuple[list[str], Decision]:
         """Names of (packed, scales, zero points) of a quantized tensor, written once."""
         decision = self.plan[name].decision
-        names = [f"{name}.q{decision.bits}", f"{name}.scales", f"{name}.zero_points"]
+        names = quantized_names(name, decision)
         if names[0] not in self.writer.written:
             weight = self._array(name)
             if weight.ndim != 2:
@@ -286,7 +291,7 @@ class Quantizer:
         ple_dim = self.ple_dim
         block = entry.decision.block_size if ple_dim % entry.decision.block_size == 0 else ple_dim
         decision = replace(entry.decision, block_size=block)
-        names = [f"{tensor.name}.q{decision.bits}", f"{tensor.name}.scales", f"{tensor.name}.zero_points"]
+        names = quantized_names(tensor.name, decision)
         if names[0] not in self.writer.written:
             packed, scales, zero_points = blockwise(self._array(tensor.name).astype(np.float32), decision)
             if decision.bits == 4:  # one zero point per byte here: the graph gathers them unpacked
