@@ -36,6 +36,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[export,dev]"
+	$(BIN)/python -m pip install -q --no-deps onnxruntime-genai==0.18.0
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install everything (torch from the local CPU wheel)
@@ -51,7 +52,7 @@ lint: $(STAMP) ## ruff and mypy
 	@# mypy cannot follow the package-dir mapping: give it the installed layout as a link tree.
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)
 	ln -s $(CURDIR)/gemma4_onnx/*.py $(TYPECHECK)/
-	for p in exporter graphs quantize runtime; do ln -s $(CURDIR)/$$p $(TYPECHECK)/$$p; done
+	for p in exporter graphs quantize runtime mobile; do ln -s $(CURDIR)/$$p $(TYPECHECK)/$$p; done
 	$(BIN)/mypy $(TYPECHECK)
 
 demo: $(STAMP) ## tiny-e2b end to end: checkpoint → export → int4 → parity → tokens

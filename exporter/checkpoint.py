@@ -74,7 +74,11 @@ class Checkpoint:
         return path if path.is_file() else None
 
     def validate(self) -> None:
-        """Names, shapes and dtypes against what the config implies."""
+        """Names, shapes and dtypes against what the config implies; the tokenizer against the vocabulary."""
+        from gemma4_onnx.runtime.package_files import tokenizer_problem
+
+        if self.tokenizer_file and (problem := tokenizer_problem(self.tokenizer_file, self.geometry.vocab_size)):
+            raise CheckpointError(f"{self.directory}: {problem}")
         expected = expected_tensors(self.config)
         ignorable = ignorable_tensors(self.config)
         missing = [n for n in expected if n not in self.entries]

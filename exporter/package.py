@@ -31,6 +31,7 @@ from gemma4_onnx.exporter.embed import EmbedBlock
 from gemma4_onnx.exporter.geometry import LayerSpec, TextGeometry
 from gemma4_onnx.exporter.head import HeadBlock
 from gemma4_onnx.exporter.hf_model import STATE_PREFIX
+from gemma4_onnx.exporter.towers import export_towers
 from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
 from gemma4_onnx.exporter.weights import CheckpointWeights, WeightSource, open_source
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
@@ -96,6 +97,7 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
         writer = _Writer(staging, structure_only, target)
         try:
             graphs = _export_graphs(weights, staging, writer)
+            graphs.update(export_towers(weights, staging, writer))
         finally:
             writer.close()
         _copy_side_files(weights, staging)

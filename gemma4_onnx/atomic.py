@@ -1,19 +1,36 @@
 """Outputs appear whole or not at all: every command writes into a temporary directory beside its
-target and publishes it with one rename, after every file is written and fsynced."""
+target and publishes it with one rename, after every file is written and fsynced.
+
+Replacing an existing output swaps the two directories in one step (Linux ``renameat2`` with
+``RENAME_EXCHANGE``), so the target path always names a complete package; where the OS or the
+filesystem cannot swap, two renames leave a moment in which the target is absent, never partial.
+Staging directories carry their writer's pid: one left by a killed process is removed by the next
+command writing the same target. A full disk removes the staging directory and says how much space
+was needed.
+"""
 
 import contextlib
+import ctypes
+import errno
+import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from gemma4_onnx.errors import UsageError
+from gemma4_onnx.errors import DiskFullError, UsageError
+
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
 def check_target(target: Path, force: bool) -> None:
     """Refuse, before any work, to replace a non-empty directory without ``force``."""
-    if target.exists() and not target.is_dir():
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UsageError(f"output {target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise UsageError(f"output directory {target} is not empty; pass --force to replace it")
@@ -24,34 +41,124 @@ def fsync_tree(root: Path) -> None:
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
+    for directory in [*sorted(p for p in root.rglob("*") if p.is_dir()), root]:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _renameat2() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where this OS or filesystem cannot."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target``; an existing ``target`` is swapped out in one step, then removed."""
+    if not target.exists():
+        os.rename(staging, target)
+    elif exchange(staging, target):
+        shutil.rmtree(staging)  # now the previous output
+    else:
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+        os.rename(target, retired / target.name)
+        os.rename(staging, target)
+        shutil.rmtree(retired)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Staging and retired directories of ``target`` whose writer is dead (killed mid-write): removed."""
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
+        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes ({n / 1e9:.2f} GB)" if n >= 10**8 else f"{n} bytes"
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    free = free_bytes(directory)
+    if needed > free:
+        raise DiskFullError(f"not enough space in {directory}: the output needs about {_size(needed)}, "
+                            f"{_size(free)} free")
+
+
 @contextlib.contextmanager
-def publish_dir(target: Path, force: bool = False) -> Iterator[Path]:
+def publish_dir(target: Path, force: bool = False, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a fresh staging directory; on success it replaces ``target`` atomically, on failure it is
-    removed and ``target`` is left as it was."""
+    removed and ``target`` is left as it was. ``needed_bytes``, where the caller can estimate it, is
+    checked against the free space first."""
     target = Path(target).absolute()
     check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_staging(target)
+    if needed_bytes is not None:
+        check_free_space(target.parent, needed_bytes)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
     try:
         yield staging
         fsync_tree(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, retired / target.name)
-            os.rename(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, target)
+        replace_dir(staging, target)
+        fsync_dir(target.parent)
+    except OSError as exc:
+        written = tree_bytes(staging) if staging.exists() else 0
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno not in DISK_FULL:
+            raise
+        needs = f"about {_size(needed_bytes)}" if needed_bytes else f"more than {_size(written)}"
+        raise DiskFullError(f"out of space writing {target} ({exc.strerror}): {_size(written)} written before the "
+                            f"filesystem refused more; the output needs {needs}, {_size(free_bytes(target.parent))} "
+                            "free; nothing was published") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

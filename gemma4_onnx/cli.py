@@ -74,7 +74,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from gemma4_onnx.runtime.generate import generate
 
-    generate(Path(args.model_dir), args.prompt, args.max_new_tokens)
+    generate(Path(args.model_dir), args.prompt, args.max_new_tokens, images=[Path(f) for f in args.image],
+             audio=[Path(f) for f in args.audio], image_budget=args.image_budget)
     return 0
 
 
@@ -83,7 +84,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     calibration = Path(args.calibration) if args.calibration else None
     out = quantize_package(Path(args.model_dir), Path(args.out_dir), args.recipe, force=args.force,
-                           calibration=calibration)
+                           calibration=calibration, budget_bits=args.budget_bits)
     say(f"quantized package: {out}")
     return 0
 
@@ -93,6 +94,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = write_report([Path(d) for d in args.report_dirs], Path(args.out or "build/report"))
     say(f"report: {out / 'report.md'}, {out / 'report.html'}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gemma4_onnx.verify import summary, verify_package, write_report
+
+    report = verify_package(Path(args.model_dir))
+    if args.out:
+        write_report(report, Path(args.out))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        say(summary(report))
+    return 0 if report["passed"] else 1
+
+
+def cmd_mobile(args: argparse.Namespace) -> int:
+    from gemma4_onnx.mobile.package import mobile_package
+
+    if args.genai:
+        from gemma4_onnx.mobile.genai import genai_package
+
+        say(f"onnxruntime-genai folder: {genai_package(Path(args.model_dir), Path(args.out_dir), force=args.force)}")
+        return 0
+    out = mobile_package(Path(args.model_dir), Path(args.out_dir), force=args.force,
+                         target_platform=args.target_platform, verbose=args.debug)
+    say(f"mobile package: {out}")
     return 0
 
 
@@ -141,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--recipe", default="int4")
     p.add_argument("--calibration", help="text file for calibrated algorithms (default: built-in code text)")
-    p.add_argument("--budget-bits", type=float, help="average bits per linear weight for --recipe auto")
+    p.add_argument("--budget-bits", type=float,
+                   help="average stored bits per linear weight to spend on the most sensitive tensors (needed by auto)")
     p.add_argument("--force", action="store_true")
 
     p = verb("parity", cmd_parity, "compare onnxruntime with transformers and write parity.json")
@@ -160,13 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image (repeatable); placed at each <|image|> in the prompt, else before the text")
+    p.add_argument("--image-budget", type=int, default=280,
+                   help="soft tokens per image at most: 70, 140, 280 (default), 560 or 1120")
+    p.add_argument("--audio", action="append", default=[], metavar="FILE",
+                   help="a 16 kHz WAV file (repeatable; E2B/E4B); placed at each <|audio|>, else before the text")
 
-    p = verb("mobile", not_built("mobile"), "package an export for ONNX Runtime Mobile")
+    p = verb("mobile", cmd_mobile, "package an export for ONNX Runtime Mobile")
     p.add_argument("model_dir")
     p.add_argument("out_dir")
+    p.add_argument("--target-platform", choices=["arm", "amd64"], default="arm",
+                   help="optimize the .ort graphs for this CPU (arm: phones; amd64: x86 edge boxes)")
+    p.add_argument("--genai", action="store_true",
+                   help="write a folder onnxruntime-genai runs instead (model.onnx + genai_config.json); its cache "
+                        "costs more memory than ours: see the folder's README.md")
+    p.add_argument("--force", action="store_true")
 
-    p = verb("verify", not_built("verify"), "check a package's files, checksums and graphs")
+    p = verb("verify", cmd_verify, "check a package's files, checksums, external data and graphs; exit 0 only when "
+             "every check passes, 1 when any fails")
     p.add_argument("model_dir")
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the summary")
+    p.add_argument("--out", help="also write the JSON report to this file")
     return parser
 
 

@@ -24,6 +24,10 @@ class UsageError(Gemma4OnnxError):
     """An argument value that cannot work (bad path, existing output, impossible option)."""
 
 
+class MediaError(UsageError):
+    """An image or audio file that cannot be read, or is too large or too long to use."""
+
+
 class NotBuiltYet(Gemma4OnnxError):
     """A stage of the toolchain that later work fills in."""
 
@@ -32,3 +36,11 @@ class NotBuiltYet(Gemma4OnnxError):
     def __init__(self, stage: str) -> None:
         super().__init__(f"'{stage}' is not built yet in this version of gemma4-onnx")
         self.stage = stage
+
+
+class PackageError(UsageError):
+    """A package directory that is incomplete, tampered with, or unsafe to hand to onnx or onnxruntime."""
+
+
+class DiskFullError(Gemma4OnnxError):
+    """The filesystem refused more bytes while an output was being written; nothing was published."""

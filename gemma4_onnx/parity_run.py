@@ -15,8 +15,10 @@ from tokenizers import Tokenizer
 from gemma4_onnx import tolerances
 from gemma4_onnx.builtin_text import BUILTIN_TEXT
 from gemma4_onnx.errors import UsageError
+from gemma4_onnx.multimodal_parity import multimodal_checks, multimodal_parity
 from gemma4_onnx.progress import progress
 from gemma4_onnx.runtime.blocks import run_block
+from gemma4_onnx.runtime.generate import prompt_ids
 from gemma4_onnx.runtime.parity import LogitStats, block_parity, greedy_match_steps, windows
 from gemma4_onnx.runtime.text_model import TextModel
 
@@ -95,7 +97,10 @@ def run_parity(model_dir: Path, checkpoint: Path, text_file: Path | None, steps:
         "size": package_size(model.manifest),
         "quantization": model.manifest.get("quantization"),
     }
-    result["checks"] = fp32_checks(result) if result["precision"] == "float32" else []
+    media_steps = min(steps, tolerances.MULTIMODAL_GREEDY_STEPS)
+    result.update(multimodal_parity(model_dir, checkpoint, lambda text: encode(tokenizer, text),
+                                    prompt_ids(tokenizer, model_dir, ""), media_steps))
+    result["checks"] = fp32_checks(result) + multimodal_checks(result) if result["precision"] == "float32" else []
     result["passed"] = all(c["passed"] for c in result["checks"])
     return result
 

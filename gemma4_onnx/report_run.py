@@ -14,6 +14,8 @@ from gemma4_onnx.quantize.recipe import BUILTIN
 from gemma4_onnx.runtime.report import write_report as render
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+AUTO_BUDGET = 4.9  # the int4 gate's limit
+TINY_AUTO_BUDGET = 6.0  # tiny-e2b's int8 K/V projections alone exceed 4.9 bits per linear weight
 
 
 def sources(root: Path) -> list[tuple[str, Path, Path | None]]:
@@ -32,7 +34,10 @@ def main(root: Path) -> int:
         fp32 = export_package(str(checkpoint), root / "packages" / name, force=True)
         packages = {"float32": fp32}
         for recipe in BUILTIN:
-            packages[recipe] = quantize_package(fp32, root / "packages" / f"{name}-{recipe}", recipe, force=True)
+            budget = (AUTO_BUDGET if text else TINY_AUTO_BUDGET) if recipe == "auto" else None
+            label = f"auto-{budget:g}" if budget else recipe
+            packages[label] = quantize_package(fp32, root / "packages" / f"{name}-{label}", recipe, force=True,
+                                               budget_bits=budget)
         runs = []
         for label, package in packages.items():
             runs.append(write_report(run_parity(package, checkpoint, text, steps=64), root / "parity" / name / label))

@@ -19,3 +19,9 @@ QUANT_GATES = {
     "int4": {"kl_mean": 0.005, "top1_agreement": 0.975, "bits_per_byte_increase": 0.004,
              "avg_bits_per_linear_weight": 4.9},
 }
+
+# Vision and audio towers, fp32 package vs transformers (multimodal issue "Done when"): soft tokens compared as
+# max |a − b| / max |a| over every valid soft token; int8 towers by cosine.
+SOFT_TOKEN_FP32_RELATIVE = 1e-4
+SOFT_TOKEN_INT8_MIN_COSINE = 0.999
+MULTIMODAL_GREEDY_STEPS = 32

@@ -77,6 +77,8 @@ STD_OPSET = 20
 # Helper functions called inside op bodies live in their own domain and are always inlined away.
 HELPER_OPSET = onnxscript.values.Opset("ai.gemma4.helpers", 1)
 MIN_IR_VERSION = 10  # function overloads
+# onnxruntime's contrib ops: allowed only in the bodies of overloads the quantizer writes (TopKMoE:nbits).
+ORT_CONTRIB_DOMAIN = "com.microsoft"
 
 _TENSOR_TYPES = [
     f"tensor({t})" for t in ("float", "float16", "bfloat16", "double", "int64", "int32", "int8", "uint8", "bool")
@@ -143,15 +145,18 @@ def flatten_function(function: onnxscript.OnnxFunction, op_type: str, overload: 
                 f"(onnxruntime ignores the overload of nested calls), got {node.op_identifier()}"
             )
     leftover = [n.op_identifier() for n in ir.traversal.RecursiveGraphIterator(flat.graph) if n.domain != ""]
-    leftover = [i for i in leftover if i[0] != DOMAIN]
+    leftover = [i for i in leftover if i[0] not in (DOMAIN, ORT_CONTRIB_DOMAIN)]
     if leftover:
-        raise RuntimeError(f"{op_type}: ops other than standard and ai.gemma4 left in the body: {leftover}")
+        raise RuntimeError(f"{op_type}: ops other than standard, ai.gemma4 and com.microsoft left in the body: "
+                           f"{leftover}")
     flat.opset_imports.pop(HELPER_OPSET.domain, None)
     flat.opset_imports[""] = STD_OPSET
     if nested:
         flat.opset_imports[DOMAIN] = VERSION
     else:
         flat.opset_imports.pop(DOMAIN, None)
+    if any(n.domain == ORT_CONTRIB_DOMAIN for n in ir.traversal.RecursiveGraphIterator(flat.graph)):
+        flat.opset_imports[ORT_CONTRIB_DOMAIN] = 1
     proto = ir.serde.serialize_function(flat)
     proto.domain, proto.name, proto.overload = DOMAIN, op_type, overload
     return ir.serde.deserialize_function(proto)
@@ -277,6 +282,12 @@ class AttachFunctionsPass(ir.passes.InPlacePass):
             model.opset_imports.setdefault("", STD_OPSET)
             model.ir_version = max(model.ir_version, MIN_IR_VERSION)
         return ir.passes.PassResult(model, modified)
+
+
+def import_ort_contrib(model: onnx.ModelProto) -> None:
+    """Declare onnxruntime's contrib domain in ``model`` (its nodes or function bodies use it)."""
+    if not any(o.domain == ORT_CONTRIB_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(ORT_CONTRIB_DOMAIN, 1))
 
 
 def attach_functions(model: ir.Model) -> bool:

@@ -62,9 +62,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from gemma4_onnx.graphs.domain import DOMAIN
+from gemma4_onnx.graphs.domain import DOMAIN, ORT_CONTRIB_DOMAIN
 
-MS_DOMAIN = "com.microsoft"
 _INT64_MAX = 9223372036854775807
 
 
@@ -109,7 +108,7 @@ class LowerToOrtPass(ir.passes.InPlacePass):
             self.lowered[key] = self.lowered.get(key, 0) + 1
         modified = bool(self.lowered)
         if modified:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            model.opset_imports.setdefault(ORT_CONTRIB_DOMAIN, 1)
             common_passes.RemoveUnusedFunctionsPass()(model)
             if not any(n.domain == DOMAIN for n in ir.traversal.RecursiveGraphIterator(graph)):
                 model.opset_imports.pop(DOMAIN, None)
@@ -160,7 +159,7 @@ class LowerToOrtPass(ir.passes.InPlacePass):
 
         def rotate(x: ir.Value | None) -> ir.Value:
             inputs = [x, position_ids, cos, sin]
-            return tape.op("RotaryEmbedding", inputs, attributes={"interleaved": 0}, domain=MS_DOMAIN)
+            return tape.op("RotaryEmbedding", inputs, attributes={"interleaved": 0}, domain=ORT_CONTRIB_DOMAIN)
 
         if node.attributes["head_axis"].as_int() == 1:  # [B,N,S,D]: the kernel's own 4D layout
             return [rotate(x)]
@@ -183,7 +182,7 @@ class LowerToOrtPass(ir.passes.InPlacePass):
 
         def rotate(x: ir.Value) -> ir.Value:
             inputs = [x, position_ids, cos, sin]
-            return tape.op("RotaryEmbedding", inputs, attributes={"interleaved": 0}, domain=MS_DOMAIN)
+            return tape.op("RotaryEmbedding", inputs, attributes={"interleaved": 0}, domain=ORT_CONTRIB_DOMAIN)
 
         def int32(x: ir.Value) -> ir.Value:
             return tape.op("Cast", [x], attributes={"to": ir.DataType.INT32})
@@ -209,7 +208,7 @@ class LowerToOrtPass(ir.passes.InPlacePass):
                 "local_window_size": window if window > 0 else -1,
             },
             num_outputs=3,
-            domain=MS_DOMAIN,
+            domain=ORT_CONTRIB_DOMAIN,
         )  # fmt: skip
         if window > 1:
             start, end, axis = _ints(tape, [1 - window]), _ints(tape, [_INT64_MAX]), _ints(tape, [2])

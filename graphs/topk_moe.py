@@ -47,6 +47,20 @@ ONNX op ``ai.gemma4::TopKMoE`` (version 1)::
 
 Torch op: ``torch.ops.gemma4.topk_moe(hidden_states, experts_input, router_scale, router_proj,
 per_expert_scale, gate_up_proj, down_proj, top_k: int, eps: float) -> Tensor``.
+
+Overload ``nbits`` (written by the quantizer, never by the exporter): the experts' weights are
+blockwise-quantized in onnxruntime's MatMulNBits layout, one slice per expert, and the Loop body
+gathers only the chosen expert's packed bytes and multiplies with ``com.microsoft::MatMulNBits``
+(the op every quantized linear of the package already uses; the body is therefore onnxruntime's, not
+portable ONNX). The gathered bytes are bits/32 of the float expert's, so quantization also cuts the
+per-expert copy that dominates the float op's decode time::
+
+    inputs     hidden_states, experts_input, router_scale, router_proj, per_expert_scale,
+               gate_up_codes [E, 2I, H/b, b·bits/8] uint8, gate_up_scales [E, 2I, H/b] (fp16 or fp32),
+               gate_up_zero_points [E, 2I, ⌈H/b·bits/8⌉] uint8, down_codes, down_scales, down_zero_points
+               (the same for [E, H, I])
+    attributes top_k, eps, hidden_size H, intermediate_size I, gate_up_bits, gate_up_block_size,
+               down_bits, down_block_size
 """
 
 from __future__ import annotations
@@ -57,12 +71,15 @@ import onnxscript
 import torch
 from onnxscript import DOUBLE, FLOAT, opset20
 
-from gemma4_onnx.graphs.domain import OPSET, RMSNormNoScale, node_emitter, rms_norm_reference
+from gemma4_onnx.graphs.domain import OPSET, ORT_CONTRIB_DOMAIN, RMSNormNoScale, node_emitter, rms_norm_reference
 
 # onnxscript bodies follow onnxscript's rules (list literals are tensors...), not Python typing's.
 op: Any = opset20
 
 OP_TYPE = "TopKMoE"
+NBITS = "nbits"
+# onnxruntime's contrib domain: the quantized overload's body multiplies with its MatMulNBits.
+ms: Any = onnxscript.values.Opset(ORT_CONTRIB_DOMAIN, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +190,81 @@ def TopKMoE(
     return output
 
 
-FUNCTIONS = {"": TopKMoE}
+@onnxscript.script(OPSET, default_opset=op)
+def TopKMoENBits(
+    hidden_states,
+    experts_input,
+    router_scale,
+    router_proj,
+    per_expert_scale,
+    gate_up_codes,
+    gate_up_scales,
+    gate_up_zero_points,
+    down_codes,
+    down_scales,
+    down_zero_points,
+    top_k: int,
+    eps: float,
+    hidden_size: int,
+    intermediate_size: int,
+    gate_up_rows: int,
+    gate_up_bits: int,
+    gate_up_block_size: int,
+    down_bits: int,
+    down_block_size: int,
+):
+    """TopKMoE with MatMulNBits experts: the router is the float op's; each expert hit gathers its own
+    packed codes, scales and zero points only."""
+    hidden = op.Shape(experts_input, start=-1)
+    rows = op.Concat([-1], hidden, axis=0)
+    r = op.Reshape(hidden_states, rows)
+    z = op.Reshape(experts_input, rows)
+    root = op.CastLike(op.Pow(op.Cast(hidden, to=DOUBLE.dtype), op.Constant(value_float=-0.5)), r)
+    u = op.Mul(op.Mul(RMSNormNoScale(r, eps=eps), op.CastLike(router_scale, r)), root)
+    probs = op.Softmax(op.Cast(op.Gemm(u, router_proj, transB=1), to=FLOAT.dtype), axis=-1)
+    k = op.Unsqueeze(op.Constant(value_int=top_k), [0])
+    top_probs, index = op.TopK(probs, k, axis=-1, largest=1, sorted=1)
+    weights = op.Div(top_probs, op.ReduceSum(top_probs, [-1], keepdims=1))
+    weights = op.Mul(weights, op.Gather(op.Cast(per_expert_scale, to=FLOAT.dtype), index))
+    experts, _unused_1, _unused_2, _unused_3 = op.Unique(op.Reshape(index, [-1]), sorted=1)
+    acc = op.CastLike(op.ConstantOfShape(op.Shape(z)), z)
+    for i in range(op.Size(experts)):
+        expert = op.Gather(experts, i)
+        hits = op.NonZero(op.Equal(index, expert))
+        token = op.Gather(hits, 0, axis=0)
+        weight = op.GatherND(weights, op.Transpose(hits, perm=[1, 0]))
+        x = op.Cast(op.Gather(z, token, axis=0), to=FLOAT.dtype)
+        gate_up = ms.MatMulNBits(
+            x,
+            op.Gather(gate_up_codes, expert, axis=0),
+            op.Reshape(op.Cast(op.Gather(gate_up_scales, expert, axis=0), to=FLOAT.dtype), [-1]),
+            op.Reshape(op.Gather(gate_up_zero_points, expert, axis=0), [-1]),
+            K=hidden_size,
+            N=gate_up_rows,
+            bits=gate_up_bits,
+            block_size=gate_up_block_size,
+            accuracy_level=1,
+        )
+        gate, up = op.Split(gate_up, num_outputs=2, axis=-1)
+        activated = op.Mul(op.Gelu(gate, approximate="tanh"), up)
+        y = ms.MatMulNBits(
+            activated,
+            op.Gather(down_codes, expert, axis=0),
+            op.Reshape(op.Cast(op.Gather(down_scales, expert, axis=0), to=FLOAT.dtype), [-1]),
+            op.Reshape(op.Gather(down_zero_points, expert, axis=0), [-1]),
+            K=intermediate_size,
+            N=hidden_size,
+            bits=down_bits,
+            block_size=down_block_size,
+            accuracy_level=1,
+        )
+        weighted = op.CastLike(op.Mul(y, op.Unsqueeze(weight, [-1])), z)
+        acc = op.ScatterND(acc, op.Unsqueeze(token, [-1]), weighted, reduction="add")
+    output = op.Reshape(acc, op.Shape(experts_input))
+    return output
+
+
+FUNCTIONS = {"": TopKMoE, NBITS: TopKMoENBits}
 _emit = node_emitter(TopKMoE, OP_TYPE)
 
 

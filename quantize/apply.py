@@ -23,134 +23,38 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper
-from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
 from gemma4_onnx import __version__
 from gemma4_onnx.atomic import publish_dir
 from gemma4_onnx.builtin_text import calibration_text
 from gemma4_onnx.errors import NotBuiltYet, UsageError
 from gemma4_onnx.exporter.geometry import text_geometry
+from gemma4_onnx.graphs.domain import ORT_CONTRIB_DOMAIN, import_ort_contrib
 from gemma4_onnx.graphs.external_data import PackageWriter, external_entries
 from gemma4_onnx.graphs.manifest import MANIFEST, graph_signature, read_manifest, write_manifest
+from gemma4_onnx.graphs.topk_moe import NBITS
 from gemma4_onnx.progress import progress
+from gemma4_onnx.quantize.blockwise import average_bits, blockwise
+from gemma4_onnx.quantize.budget import spend, upgradable
 from gemma4_onnx.quantize.calibration import input_hessians
-from gemma4_onnx.quantize.gptq import gptq
+from gemma4_onnx.quantize.experts import (
+    DOWN,
+    GATE_UP,
+    attach_nbits_function,
+    is_topk_moe,
+    nbits_node,
+    quantize_experts,
+)
 from gemma4_onnx.quantize.plan import Entry, resolve
 from gemma4_onnx.quantize.recipe import Decision, load_recipe
+from gemma4_onnx.quantize.sensitivity import sensitivities
+from gemma4_onnx.runtime.package_files import graph_entries
 from gemma4_onnx.runtime.text_model import check_files_present
 
-MS = "com.microsoft"
 # MatMulNBits computes in fp32 (level 1): levels 2-4 also round the activations, which costs accuracy.
 ACCURACY_LEVEL = 1
 PLAN_KEY = "gemma4_onnx.quantization_plan"
-
-
-def blockwise(weight: np.ndarray, decision: Decision,
-              hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W [N, K] → (packed uint8 [N, K/block, block·bits/8], scales [N, K/block], zero points uint8),
-    blocks along K, by onnxruntime's kernels. Zero points are always returned (8 / 128 if symmetric)."""
-    if decision.algorithm == "gptq" and hessian is not None:
-        assert decision.bits is not None
-        codes, scales, zeros = gptq(weight, hessian, decision.bits, decision.block_size, decision.symmetric)
-        return _pack(codes, scales, zeros, decision)
-    if decision.algorithm == "gptq":  # tensors no MatMul reads (the PLE table): round to nearest
-        decision = replace(decision, algorithm="rtn")
-    if decision.algorithm == "hqq":
-        return _hqq(weight, decision)
-    if decision.algorithm == "k-quant":
-        return _k_quant(weight, decision)
-    if decision.algorithm != "rtn":
-        raise NotBuiltYet(f"quantization algorithm '{decision.algorithm}'")
-    assert decision.bits is not None
-    if decision.block_size < 16:
-        return _rtn_small_blocks(weight, decision)
-    n, k = weight.shape
-    block = decision.block_size
-    blocks = -(-k // block)
-    per_byte = 8 // decision.bits
-    packed = np.zeros((n, blocks, block // per_byte), dtype=np.uint8)
-    scales = np.zeros((n, blocks), dtype=np.float32)
-    zero_points = np.zeros((n, -(-blocks // per_byte)), dtype=np.uint8)
-    kernel = quantize_matmul_4bits if decision.bits == 4 else quantize_matmul_8bits
-    kernel(packed, np.ascontiguousarray(weight.T, dtype=np.float32), scales, zero_points, block, n, k,
-           decision.symmetric)
-    if decision.symmetric:  # the kernel leaves zero points unset when symmetric; the ops' default is the midpoint
-        midpoint = 1 << (decision.bits - 1)
-        zero_points[:] = midpoint | (midpoint << 4) if decision.bits == 4 else midpoint
-    return packed, scales, zero_points
-
-
-def _hqq(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-quadratic quantization by onnxruntime's HQQ quantizer (asymmetric, integer zero points)."""
-    import torch
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
-
-    assert decision.bits is not None
-    if decision.symmetric:
-        raise UsageError("hqq is asymmetric: use symmetric = false with it")
-    hqq = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=decision.block_size, bits=decision.bits))
-    codes, scales, zeros = hqq.quantize_internal(torch.from_numpy(weight), bits=decision.bits,
-                                                 group_size=decision.block_size, axis=1)
-    return _pack(codes.numpy(), scales.numpy(), zeros.numpy(), decision)
-
-
-def _k_quant(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """llama.cpp's k-quant search (weighted least squares over scale and minimum), as onnxruntime ships it."""
-    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
-
-    assert decision.bits is not None
-    if decision.symmetric:
-        raise UsageError("k-quant is asymmetric: use symmetric = false with it")
-    n, k = weight.shape
-    block = decision.block_size
-    padded = np.pad(weight, ((0, 0), (0, -k % block)))
-    codes, scales, zeros = quant_tensor_k_quant_cpu(padded, decision.bits, block)
-    return _pack(codes.reshape(n, -1), scales.reshape(n, -1), zeros.reshape(n, -1), decision)
-
-
-def _rtn_small_blocks(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round-to-nearest for blocks below onnxruntime's minimum of 16 (the PLE slices of test variants)."""
-    assert decision.bits is not None
-    n, k = weight.shape
-    top = (1 << decision.bits) - 1
-    blocks = weight.reshape(n, -1, decision.block_size).astype(np.float64)
-    if decision.symmetric:
-        zeros = np.full(blocks.shape[:2], (top + 1) // 2, dtype=np.float64)
-        scales = np.abs(blocks).max(-1) / ((top + 1) // 2)
-    else:
-        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-        scales = (high - low) / top
-        zeros = np.round(-low / np.where(scales == 0, 1, scales))
-    safe = np.where(scales == 0, 1, scales)
-    codes = np.clip(np.round(blocks / safe[..., None] + zeros[..., None]), 0, top)
-    return _pack(codes.reshape(n, k), scales, zeros, decision)
-
-
-def _pack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
-          decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integer codes [N, K'] and per-block scales/zero points [N, K'/block] in MatMulNBits' layout."""
-    assert decision.bits is not None
-    bits, block = decision.bits, decision.block_size
-    n, k_padded = codes.shape
-    per_byte = 8 // bits
-    grouped = codes.astype(np.uint8).reshape(n, k_padded // per_byte, per_byte)
-    packed = np.zeros((n, k_padded // per_byte), dtype=np.uint8)
-    for j in range(per_byte):  # element 2i in the low nibble, as MatMulNBits reads it
-        packed |= grouped[:, :, j] << (bits * j)
-    blocks = k_padded // block
-    zero_codes: np.ndarray = np.clip(np.round(zeros.astype(np.float64)), 0, (1 << bits) - 1)
-    zero_codes = zero_codes.astype(np.uint8).reshape(n, blocks)
-    if bits == 4:
-        zero_codes = np.pad(zero_codes, ((0, 0), (0, blocks % 2)))
-        zero_codes = zero_codes[:, 0::2] | (zero_codes[:, 1::2] << 4)
-    return packed.reshape(n, blocks, block // per_byte), scales.astype(np.float32).reshape(n, blocks), zero_codes
-
-
-def bits_per_weight(decision: Decision) -> float:
-    """Stored bits per weight, scales (fp16) and zero points counted."""
-    if decision.bits is None:
-        return 32.0
-    return decision.bits + (16 + decision.bits) / decision.block_size
+ROW_CHUNK = 16384
 
 
 def quantized_names(name: str, decision: Decision) -> list[str]:
@@ -191,27 +95,31 @@ class Quantizer:
         self.quantized_names: list[str] = []
 
     def _array(self, name: str) -> np.ndarray:
+        """The source tensor, memory-mapped: quantization reads it a chunk of rows at a time."""
         tensor, graph_dir = self.sources[name]
         info = external_entries(tensor)
         path = self.source / graph_dir / info["location"]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        data = np.fromfile(path, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
-        return data.reshape(tuple(tensor.dims))
+        return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+
+    def _loaded(self, name: str) -> np.ndarray:
+        return np.array(self._array(name))
 
     def _location(self, name: str) -> str:
         tensor, graph_dir = self.sources[name]
         return (Path(graph_dir) / external_entries(tensor)["location"]).as_posix()
 
     def _quantized(self, name: str) -> tuple[list[str], Decision]:
-        """Names of (packed, scales, zero points) of a quantized tensor, written once."""
+        """Names of (packed, scales, zero points) of a quantized tensor, written once; [E, N, K] expert
+        stacks are quantized one expert at a time."""
         decision = self.plan[name].decision
         names = quantized_names(name, decision)
         if names[0] not in self.writer.written:
             weight = self._array(name)
-            if weight.ndim != 2:
-                raise NotBuiltYet(f"quantizing {self.plan[name].candidate.kind} tensors ({name})")
-            packed, scales, zero_points = blockwise(weight.astype(np.float32), decision, self.hessians.get(name))
+            if weight.ndim == 3:
+                packed, scales, zero_points = quantize_experts(weight, decision, self.hessians.get(name))
+            else:
+                packed, scales, zero_points = blockwise_rows(weight, decision, self.hessians.get(name))
             self._write(names, (packed, scales.astype(np.float16), zero_points), self._location(name))
         return names, decision
 
@@ -245,21 +153,25 @@ class Quantizer:
                         self._gather_slices(graph, node, tensor)
                     elif node.op_type == "Gather" and node.input[0] == tensor.name:
                         self._gather(graph, node, tensor)
+                    elif is_topk_moe(node):
+                        self._topk_moe(graph, node)
                     else:
                         raise NotBuiltYet(f"quantizing {tensor.name} as used by {node.op_type}")
             elif tensor.data_location == onnx.TensorProto.EXTERNAL:
-                self.writer.add(tensor.name, self._location(tensor.name), functools.partial(self._array, tensor.name))
+                self.writer.add(tensor.name, self._location(tensor.name), functools.partial(self._loaded, tensor.name))
                 kept.append(self.writer.relocated(tensor.name, graph_dir))
             else:
                 kept.append(tensor)
         for offset, node in enumerate(self.casts.values()):
             model.graph.node.insert(offset, node)
+        if any(is_topk_moe(n) and n.overload == NBITS for n in model.graph.node):
+            attach_nbits_function(model)
         used = _inputs(model)
         added = [self.writer.relocated(n, graph_dir) for n in self.quantized_names if n in used]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept + added + self.constants)
-        if any(n.domain == MS for n in model.graph.node) and not any(o.domain == MS for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS, 1))
+        if any(n.domain == ORT_CONTRIB_DOMAIN for n in model.graph.node):
+            import_ort_contrib(model)
         return model
 
     def _matmul(self, graph: _Graph, transpose: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
@@ -273,7 +185,7 @@ class Quantizer:
         for matmul in matmuls:
             inputs = [matmul.input[0], packed, self._scales32(scales)] + ([] if decision.symmetric else [zero_points])
             graph.replace(matmul, helper.make_node(
-                "MatMulNBits", inputs, list(matmul.output), name=matmul.name + "_nbits", domain=MS,
+                "MatMulNBits", inputs, list(matmul.output), name=matmul.name + "_nbits", domain=ORT_CONTRIB_DOMAIN,
                 K=int(k), N=int(n), bits=decision.bits, block_size=decision.block_size, accuracy_level=ACCURACY_LEVEL))
         graph.remove(transpose)
 
@@ -288,12 +200,11 @@ class Quantizer:
         """
         entry = self.plan[tensor.name]
         rows, width = (int(d) for d in tensor.dims)
-        ple_dim = self.ple_dim
-        block = entry.decision.block_size if ple_dim % entry.decision.block_size == 0 else ple_dim
-        decision = replace(entry.decision, block_size=block)
+        decision = ple_decision(entry.decision, self.ple_dim)
+        block = decision.block_size
         names = quantized_names(tensor.name, decision)
         if names[0] not in self.writer.written:
-            packed, scales, zero_points = blockwise(self._array(tensor.name).astype(np.float32), decision)
+            packed, scales, zero_points = blockwise_rows(self._array(tensor.name), decision)
             if decision.bits == 4:  # one zero point per byte here: the graph gathers them unpacked
                 zero_points = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)
             zero_points = zero_points[:, : width // block]
@@ -335,6 +246,22 @@ class Quantizer:
             graph.graph.node.insert(index + offset, node)
         self.constants += [onnx.numpy_helper.from_array(v, k) for k, v in consts.items()]
 
+    def _topk_moe(self, graph: _Graph, node: onnx.NodeProto) -> None:
+        """Both expert stacks of a TopKMoE node quantized; the node becomes ``TopKMoE:nbits``."""
+        if node.overload == NBITS or node not in graph.graph.node:
+            return
+        gate_up, down = node.input[GATE_UP], node.input[DOWN]
+        for name in (gate_up, down):
+            if name not in self.plan or not self.plan[name].decision.quantized:
+                raise UsageError(f"{gate_up} and {down} must be quantized together or not at all")
+        gate_up_names, gate_up_decision = self._quantized(gate_up)
+        down_names, down_decision = self._quantized(down)
+        shape = tuple(int(d) for d in self.sources[gate_up][0].dims)
+        new = nbits_node(node, gate_up_names, down_names, gate_up_decision, down_decision, shape)
+        graph.replace(node, new)
+        for name in (gate_up, down):
+            graph.consumers[name] = [new if c is node else c for c in graph.consumers[name]]
+
     def _gather(self, graph: _Graph, gather: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
         """GatherBlockQuantized reads the MatMulNBits bytes as [V, H] 4- or 8-bit elements."""
         (packed, scales, zero_points), decision = self._quantized(tensor.name)
@@ -350,8 +277,33 @@ class Quantizer:
         graph.replace(gather, helper.make_node(
             "GatherBlockQuantized", [data.name, gather.input[1], self._scales32(scales), zeros.name],
             list(gather.output),
-            name=gather.name + "_quantized", domain=MS, gather_axis=0, quantize_axis=1,
+            name=gather.name + "_quantized", domain=ORT_CONTRIB_DOMAIN, gather_axis=0, quantize_axis=1,
             block_size=decision.block_size, bits=decision.bits))
+
+
+def blockwise_rows(weight: np.ndarray, decision: Decision,
+                   hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``blockwise`` a chunk of rows at a time (rows are independent, GPTQ's too): the PLE table of E2B is
+    9.4 GB in fp32, and only one chunk of it is ever in memory as float."""
+    parts = [blockwise(np.asarray(weight[start:start + ROW_CHUNK], dtype=np.float32), decision, hessian)
+             for start in range(0, weight.shape[0], ROW_CHUNK)]
+    if len(parts) == 1:
+        return parts[0]
+    packed, scales, zero_points = (np.concatenate(p) for p in zip(*parts, strict=True))
+    return packed, scales, zero_points
+
+
+def ple_decision(decision: Decision, ple_dim: int) -> Decision:
+    """The PLE table's blocks never straddle two layers' slices: the recipe's block if it divides P, else P."""
+    return replace(decision, block_size=decision.block_size if ple_dim % decision.block_size == 0 else ple_dim)
+
+
+def ple_bytes(rows: int, layers: int, ple_dim: int, decision: Decision) -> int:
+    """Bytes of the quantized PLE table (codes, fp16 scales, one zero-point byte per block), as written."""
+    assert decision.bits is not None
+    width = layers * ple_dim
+    blocks = width // ple_decision(decision, ple_dim).block_size
+    return rows * (width * decision.bits // 8 + blocks * 3)
 
 
 def _inputs(model: onnx.ModelProto) -> set[str]:
@@ -359,8 +311,7 @@ def _inputs(model: onnx.ModelProto) -> set[str]:
 
 
 def _graph_files(manifest: dict[str, Any]) -> list[str]:
-    graphs = manifest["graphs"]
-    return [graphs["embed"]["file"], graphs["decoder"]["file"], *(b["file"] for b in graphs["blocks"])]
+    return [e["file"] for e in graph_entries(manifest)]
 
 
 def _initializer_shapes(source: Path, files: list[str]) -> dict[str, tuple[int, ...]]:
@@ -372,22 +323,26 @@ def _initializer_shapes(source: Path, files: list[str]) -> dict[str, tuple[int, 
 
 
 def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bool = False,
-                     calibration: Path | None = None) -> Path:
+                     calibration: Path | None = None, budget_bits: float | None = None) -> Path:
     source = Path(model_dir)
     manifest = read_manifest(source)
     check_files_present(source, manifest)
     if manifest.get("quantization"):
         raise UsageError(f"{source} is already quantized ({manifest['quantization']['recipe']}); quantize the "
                          "float export instead")
-    recipe = load_recipe(recipe_spec)
+    recipe = load_recipe(recipe_spec, budget_bits)
     geometry = text_geometry(manifest["text_config"])
     files = _graph_files(manifest)
     plan = resolve(recipe, _initializer_shapes(source, files), geometry)
-    plan_json = [e.as_dict() for e in plan]
-    calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
     if calibration is not None and not calibration.is_file():
         raise UsageError(f"--calibration {calibration} does not exist")
     text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
+    sensitivity: dict[str, float] = {}
+    if recipe.budget_bits is not None:
+        sensitivity = sensitivities(source, upgradable(plan), text)
+        plan = spend(plan, sensitivity, recipe.budget_bits, asked=budget_bits is not None)
+    plan_json = [e.as_dict() for e in plan]
+    calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
     hessians = input_hessians(source, calibrated, text) if calibrated else {}
     with publish_dir(Path(out_dir), force=force) as staging:
         quantizer = Quantizer(source, staging, plan, geometry.ple_dim, hessians)
@@ -404,7 +359,7 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
                 signatures[file] = graph_signature(model)
         finally:
             quantizer.writer.close()
-        for entry_graph in [graphs["embed"], graphs["decoder"], *graphs["blocks"]]:
+        for entry_graph in graph_entries({"graphs": graphs}):
             entry_graph.update(signatures[entry_graph["file"]])
         for name in manifest["files"]:
             if not (staging / name).exists() and not name.endswith((".onnx", ".data")):
@@ -418,18 +373,8 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
             "quantization": {"recipe": recipe.name, "description": recipe.description,
                              "calibration": (str(calibration) if calibration else "built-in") if calibrated else None,
                              "source_package": str(source.resolve()), "plan": plan_json,
-                             "avg_bits_per_linear_weight": average_bits(plan)},
+                             "avg_bits_per_linear_weight": average_bits(plan),
+                             "budget_bits": recipe.budget_bits, "sensitivity": sensitivity or None},
         })
         write_manifest(staging, content)
     return Path(out_dir)
-
-
-def average_bits(plan: list[Entry]) -> float:
-    """Stored bits per decoder linear weight (linear layers, router, experts), scales and zeros counted."""
-    total = weights = 0.0
-    for entry in plan:
-        if entry.candidate.kind in ("linear", "router", "experts"):
-            count = float(np.prod(entry.candidate.shape))
-            total += count * bits_per_weight(entry.decision)
-            weights += count
-    return total / weights if weights else 0.0

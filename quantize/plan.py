@@ -6,6 +6,7 @@ the token embedding (also the tied LM head) and the per-layer embedding table. N
 ``layer_scalar`` are never candidates.
 """
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from gemma4_onnx.quantize.recipe import Decision, Recipe
 PREFIX = "model.language_model."
 LAYER = re.compile(r"layers\.(\d+)\.")
 LINEAR_SUFFIXES = ("_proj.weight", "per_layer_input_gate.weight", "per_layer_projection.weight")
+LINEAR_KINDS = ("linear", "router", "experts")  # what "bits per linear weight" averages over
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,10 @@ class Candidate:
     kind: str  # linear | router | experts | embedding | ple
     shape: tuple[int, ...]
     layer: int | None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

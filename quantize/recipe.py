@@ -19,6 +19,11 @@ that matches a tensor decides for it; ``[default]`` decides for the rest::
     bits = "float"            # or any default key; or skip = true (left exactly as exported)
     optional = true           # may match nothing (family-specific rules of shared recipes)
 
+A recipe may also set ``budget_bits = B`` (top level): after the rules decide, the int4 tensors whose
+quantization costs the most at the model output (measured on calibration text, ``sensitivity``) move
+to int8, most harmful per extra bit first, while the average stored bits per linear weight stays
+within B. The built-in ``auto`` recipe takes B from ``--budget-bits``.
+
 Unknown keys, bad regular expressions, impossible bit widths or block sizes, and (against a model)
 rules that match no tensor are errors naming the rule.
 """
@@ -30,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gemma4_onnx.errors import NotBuiltYet, UsageError
+from gemma4_onnx.errors import UsageError
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -38,7 +43,8 @@ ALGORITHMS = ("rtn", "hqq", "k-quant", "gptq")
 LAYER_TYPES = ("sliding", "full", "shared", "moe")
 DECISION_KEYS = ("bits", "block_size", "symmetric", "algorithm")
 RULE_KEYS = ("name", "match", "layers", "layer_types", "skip", "optional", *DECISION_KEYS)
-TOP_KEYS = ("description", "default", "rules")
+TOP_KEYS = ("description", "default", "rules", "budget_bits")
+MAX_BUDGET_BITS = 32.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class Recipe:
     description: str
     default: Decision
     rules: tuple[Rule, ...]
+    budget_bits: float | None = None
 
 
 def _fail(recipe: str, where: str, message: str) -> UsageError:
@@ -168,22 +175,35 @@ def parse_recipe(name: str, text: str) -> Recipe:
             layer_types=frozenset(types) if types is not None else None, skip=skip, optional=optional,
             overrides=overrides,
         ))
-    return Recipe(name, str(data.get("description", "")), default, tuple(rules))
+    budget = data.get("budget_bits")
+    if budget is not None:
+        budget = _budget(name, "budget_bits", budget)
+    return Recipe(name, str(data.get("description", "")), default, tuple(rules), budget)
 
 
-BUILTIN = ("int8", "int4", "int4-mobile")
+def _budget(recipe: str, where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_BUDGET_BITS:
+        raise _fail(recipe, where, f"must be a number of bits in (0, {MAX_BUDGET_BITS:g}], got {value!r}")
+    return float(value)
 
 
-def load_recipe(spec: str) -> Recipe:
-    """A built-in recipe by name, or a recipe file (``*.toml``)."""
-    if spec == "auto":
-        raise NotBuiltYet("recipe auto (sensitivity-driven bit budget)")
+BUILTIN = ("int8", "int4", "int4-mobile", "auto")
+NEEDS_BUDGET = "auto"
+
+
+def load_recipe(spec: str, budget_bits: float | None = None) -> Recipe:
+    """A built-in recipe by name, or a recipe file (``*.toml``); ``budget_bits`` overrides the recipe's."""
     if spec in BUILTIN:
         text = resources.files("gemma4_onnx.quantize").joinpath(f"recipes/{spec}.toml").read_text()
-        return parse_recipe(spec, text)
-    path = Path(spec)
-    if path.suffix == ".toml":
-        if not path.is_file():
+        recipe = parse_recipe(spec, text)
+    elif Path(spec).suffix == ".toml":
+        if not Path(spec).is_file():
             raise UsageError(f"recipe file {spec} does not exist")
-        return parse_recipe(path.stem, path.read_text())
-    raise UsageError(f"unknown recipe '{spec}': use one of {', '.join(BUILTIN)}, auto, or a .toml file")
+        recipe = parse_recipe(Path(spec).stem, Path(spec).read_text())
+    else:
+        raise UsageError(f"unknown recipe '{spec}': use one of {', '.join(BUILTIN)}, or a .toml file")
+    if budget_bits is not None:
+        recipe = replace(recipe, budget_bits=_budget(recipe.name, "--budget-bits", budget_bits))
+    if spec == NEEDS_BUDGET and recipe.budget_bits is None:
+        raise UsageError("recipe auto needs --budget-bits B (average stored bits per linear weight, e.g. 4.8)")
+    return recipe

@@ -2,12 +2,15 @@
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from gemma4_onnx.errors import UsageError
-from gemma4_onnx.runtime.text_model import TextModel
+from gemma4_onnx.runtime.multimodal import DEFAULT_IMAGE_BUDGET, MultimodalModel, media_prompt
+from gemma4_onnx.runtime.text_model import Cache, TextModel
 
 
 def prompt_ids(tokenizer: Tokenizer, directory: Path, prompt: str) -> list[int]:
@@ -22,18 +25,22 @@ def prompt_ids(tokenizer: Tokenizer, directory: Path, prompt: str) -> list[int]:
     return ids
 
 
-def generate(directory: Path, prompt: str, max_new_tokens: int, stream: bool = True) -> str:
+def generate(directory: Path, prompt: str, max_new_tokens: int, stream: bool = True, images: Sequence[Path] = (),
+             audio: Sequence[Path] = (), image_budget: int = DEFAULT_IMAGE_BUDGET) -> str:
     if max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
     if not (directory / "tokenizer.json").is_file():
         raise UsageError(f"{directory}: no tokenizer.json in the package")
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    model = TextModel(directory)
-    ids = prompt_ids(tokenizer, directory, prompt)
-    if not ids:
-        raise UsageError("the prompt is empty")
-    cache = model.empty_cache(1)
-    logits = model.forward([ids], cache)
+    if images or audio:
+        model, cache, logits = _media_prefill(directory, tokenizer, prompt, list(images), list(audio), image_budget)
+    else:
+        model = TextModel(directory)
+        ids = prompt_ids(tokenizer, directory, prompt)
+        if not ids:
+            raise UsageError("the prompt is empty")
+        cache = model.empty_cache(1)
+        logits = model.forward([ids], cache)
     generated: list[int] = []
     printed = ""
     for _ in range(max_new_tokens):
@@ -51,3 +58,17 @@ def generate(directory: Path, prompt: str, max_new_tokens: int, stream: bool = T
     if stream:
         sys.stdout.write(text[len(printed):] + "\n")
     return text
+
+
+def _media_prefill(directory: Path, tokenizer: Tokenizer, prompt: str, images: list[Path], audio: list[Path],
+                   budget: int) -> tuple[TextModel, Cache, np.ndarray]:
+    """The prompt with its images and audio merged in, run through the decoder once."""
+    model = MultimodalModel(directory)
+    bos = prompt_ids(tokenizer, directory, "")
+    media = media_prompt(model, lambda text: list(tokenizer.encode(text, add_special_tokens=False).ids), bos,
+                         prompt, images, audio, budget)
+    for note in media.notes:
+        sys.stderr.write(f"note: {note}\n")
+    cache = model.text.empty_cache(1)
+    logits = model.text.forward_embedded(model.embedded(media.prompt, media.images, media.audios), cache)
+    return model.text, cache, logits

@@ -16,6 +16,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def kl_sum(reference: np.ndarray, other: np.ndarray) -> float:
+    """Σ over positions of KL(softmax(reference) ‖ softmax(other)), logits [..., V]."""
+    log_p, log_q = log_softmax(reference), log_softmax(other)
+    return float((np.exp(log_p) * (log_p - log_q)).sum())
+
+
 @dataclass
 class LogitStats:
     """Accumulates teacher-forced comparisons window by window."""
@@ -33,7 +39,7 @@ class LogitStats:
         """``reference``/``onnx``: logits [S, V]; ``targets``: the next tokens [S-1] (positions 0..S-2)."""
         self.max_abs_logit_diff = max(self.max_abs_logit_diff, float(np.abs(reference - onnx).max()))
         log_p, log_q = log_softmax(reference), log_softmax(onnx)
-        self.kl_sum += float((np.exp(log_p) * (log_p - log_q)).sum())
+        self.kl_sum += kl_sum(reference, onnx)
         self.top1_same += int((reference.argmax(-1) == onnx.argmax(-1)).sum())
         self.positions += reference.shape[0]
         rows = np.arange(len(targets))

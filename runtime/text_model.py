@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gemma4_onnx.errors import UsageError
 from gemma4_onnx.graphs.manifest import read_manifest
+from gemma4_onnx.runtime.package_files import check_package
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -59,11 +59,17 @@ class TextModel:
     def forward(self, input_ids: np.ndarray | list[list[int]], cache: Cache) -> np.ndarray:
         """Logits [B, S, V] for ``input_ids`` [B, S] after ``cache``; the cache advances in place."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
-        batch, length = input_ids.shape
-        embedded = self.embed.run(None, {"input_ids": input_ids})
-        feeds = {"inputs_embeds": embedded[0]}
-        if len(embedded) > 1:
-            feeds["per_layer_inputs"] = embedded[1]
+        return self.forward_embedded(self.embedded(input_ids), cache)
+
+    def embedded(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """embed.onnx's outputs by name: inputs_embeds, and per_layer_inputs on E-models."""
+        names = [o.name for o in self.embed.get_outputs()]
+        return dict(zip(names, self.embed.run(names, {"input_ids": input_ids}), strict=True))
+
+    def forward_embedded(self, embedded: dict[str, np.ndarray], cache: Cache) -> np.ndarray:
+        """``forward`` from embeddings (multimodal prompts merge soft tokens into them first)."""
+        batch, length = embedded["inputs_embeds"].shape[:2]
+        feeds = dict(embedded)
         feeds["position_ids"] = np.broadcast_to(
             np.arange(cache.length, cache.length + length, dtype=np.int64), (batch, length)).copy()
         feeds.update(cache.tensors)
@@ -90,16 +96,9 @@ class TextModel:
 
 
 def check_files_present(directory: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists is there with its size, before onnxruntime reads any of them."""
-    ple_file = (manifest.get("ple") or {}).get("file")
-    for name, entry in manifest["files"].items():
-        path = directory / name
-        what = " (the per-layer embedding table)" if name == ple_file else ""
-        if not path.is_file():
-            raise UsageError(f"{directory}: package file {name}{what} is missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise UsageError(f"{directory}: package file {name}{what} has {path.stat().st_size} bytes, "
-                             f"the manifest says {entry['bytes']}")
+    """Every file the manifest lists is there, whole and unchanged, and every graph's external data is safe
+    to read (``package_files``), before onnxruntime reads any of them."""
+    check_package(directory, manifest)
 
 
 def _as_list(value: Any) -> list[int]:

@@ -176,6 +176,12 @@ def not_gemma4(d: Path) -> None:
     (d / "config.json").write_text(json.dumps(config))
 
 
+def tokenizer_beyond_vocab(d: Path) -> None:
+    tokenizer = json.loads((d / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["<|extra|>"] = 5000
+    (d / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
 BAD_CHECKPOINTS = [
     (missing_tensor, CheckpointError, "missing tensor .*mlp.up_proj.weight"),
     (unexpected_tensor, CheckpointError, "unexpected tensor .*mlp.extra.weight"),
@@ -188,6 +194,7 @@ BAD_CHECKPOINTS = [
     (config_inconsistent, CheckpointError, "mlp.gate_proj.weight has shape"),
     (no_config, ConfigError, "no config.json"),
     (not_gemma4, ConfigError, "is not Gemma 4"),
+    (tokenizer_beyond_vocab, CheckpointError, "tokenizer.json has token id 5000, beyond the model's vocab_size 320"),
 ]
 
 

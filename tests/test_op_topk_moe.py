@@ -191,3 +191,88 @@ def test_route_matches_transformers_router() -> None:
     got_weights, got_index = topk_moe.route(r, *router_weights(tensors), top_k=4, eps=EPS)
     assert torch.equal(got_index, expected_index)
     assert_close(OP, "router weights: reference vs transformers", got_weights, expected_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# TopKMoE:nbits, the overload the quantizer writes: MatMulNBits experts, same routing.
+
+
+def nbits_model(tensors: dict[str, torch.Tensor], top_k: int, bits: int, block: int) -> tuple[Any, dict[str, Any]]:
+    """A one-node model calling TopKMoE:nbits on the experts of ``tensors`` quantized to ``bits``, and the
+    float weights its quantized experts stand for (dequantized), for the reference."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    from gemma4_onnx.quantize.blockwise import blockwise
+    from gemma4_onnx.quantize.experts import attach_nbits_function, dequantize, nbits_node
+    from gemma4_onnx.quantize.recipe import Decision
+
+    decision = Decision(bits=bits, block_size=block, symmetric=False, algorithm="rtn")
+    feeds: dict[str, Any] = {n: tensors[n].numpy() for n in ("router_scale", "router_proj", "per_expert_scale")}
+    dequantized: dict[str, Any] = {}
+    quantized_inputs: dict[str, list[str]] = {}
+    for name in ("gate_up_proj", "down_proj"):
+        parts = [blockwise(m.numpy(), decision) for m in tensors[name]]
+        stacked = [np.stack(p) for p in zip(*parts, strict=True)]
+        quantized_inputs[name] = [f"{name}.{kind}" for kind in ("codes", "scales", "zero_points")]
+        feeds.update(zip(quantized_inputs[name], [stacked[0], stacked[1].astype(np.float16), stacked[2]], strict=True))
+        k = tensors[name].shape[-1]
+        dequantized[name] = torch.from_numpy(np.stack([  # the scales as stored: fp16
+            dequantize(codes, scales.astype(np.float16), zeros, bits=bits, k=k) for codes, scales, zeros in parts]))
+    float_node = helper.make_node("TopKMoE", ["hidden_states", "experts_input", "router_scale", "router_proj",
+                                              "per_expert_scale", "gate_up_proj", "down_proj"], ["output"],
+                                  domain=domain.DOMAIN, top_k=top_k, eps=EPS)
+    node = nbits_node(float_node, quantized_inputs["gate_up_proj"], quantized_inputs["down_proj"], decision, decision,
+                      tuple(tensors["gate_up_proj"].shape))
+    names = ["hidden_states", "experts_input", *feeds]
+    tokens = ["batch", "seq", HIDDEN]
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(feeds[n].dtype), feeds[n].shape)
+              if n in feeds else helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, tokens) for n in names]
+    output = helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, tokens)
+    graph = helper.make_graph([node], "nbits", inputs, [output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+                                                    helper.make_opsetid(domain.DOMAIN, domain.VERSION)],
+                              ir_version=domain.MIN_IR_VERSION)
+    attach_nbits_function(model)
+    onnx.checker.check_model(model)
+    return model, {**feeds, "dequantized": dequantized}
+
+
+@pytest.mark.parametrize(("bits", "block"), [(4, 16), (8, 32)])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7)], ids=["decode", "batch2"])
+def test_nbits_overload_matches_reference_on_dequantized_experts(bits: int, block: int, shape: tuple[int, int]) -> None:
+    import onnxruntime as ort
+
+    router, experts_module = modules(16, 4, seed=21)
+    with torch.no_grad():
+        router.proj.weight.mul_(10)
+    tensors = weights(router, experts_module)
+    model, feeds = nbits_model(tensors, top_k=4, bits=bits, block=block)
+    dequantized = feeds.pop("dequantized")
+    generator = torch.Generator().manual_seed(shape[1])
+    r, z = torch.randn(*shape, HIDDEN, generator=generator), torch.randn(*shape, HIDDEN, generator=generator)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"hidden_states": r.numpy(), "experts_input": z.numpy(), **feeds})
+    expected = topk_moe.topk_moe(r, z, *router_weights(tensors), dequantized["gate_up_proj"],
+                                 dequantized["down_proj"], top_k=4, eps=EPS)
+    assert_close(OP, f"nbits int{bits} vs reference (dequantized)", actual, expected)
+
+
+def test_nbits_overload_reads_only_the_chosen_experts() -> None:
+    """NaN scales for every expert no token picks leave the quantized op's output finite and unchanged."""
+    import numpy as np
+    import onnxruntime as ort
+
+    router, experts, r = structured_router(top_k=3, tied_experts_equal=False)
+    model, feeds = nbits_model(weights(router, experts), top_k=3, bits=4, block=16)
+    feeds.pop("dequantized")
+    z = torch.randn(r.shape, generator=torch.Generator().manual_seed(8)).numpy()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (clean,) = session.run(None, {"hidden_states": r.numpy(), "experts_input": z, **feeds})
+    for name in ("gate_up_proj.scales", "down_proj.scales"):
+        feeds[name] = feeds[name].copy()
+        feeds[name][[0, 1, 3, 5, 6]] = np.nan
+    (poisoned,) = session.run(None, {"hidden_states": r.numpy(), "experts_input": z, **feeds})
+    assert np.isfinite(poisoned).all()
+    np.testing.assert_array_equal(poisoned, clean)

@@ -58,7 +58,13 @@ def test_wheel_holds_only_the_gemma4_onnx_root(tmp_path: Path) -> None:
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("gemma4_onnx-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    # The one file outside the root is optimum-cli's documented plug-in point: optimum discovers commands in the
+    # PEP 420 namespace optimum.commands.register (as optimum-onnx and optimum-intel do), so `optimum-cli export
+    # gemma4` needs exactly this one-import module there, and never an __init__.py that would shadow the namespace.
+    register = "optimum/commands/register/gemma4_onnx.py"
+    assert register in names
+    assert not [n for n in names if n.startswith("optimum/") and n != register]
+    roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info") and n != register}
     assert roots == {"gemma4_onnx"}
     for p in SUBPACKAGES:
         assert f"gemma4_onnx/{p}/__init__.py" in names

@@ -1,0 +1,171 @@
+"""``gemma4-onnx verify MODEL_DIR``: is this directory a complete, unchanged, loadable package?
+
+Checks, in order (a later check that would make onnx or onnxruntime read files runs only when the
+safety checks before it passed):
+
+    manifest        manifest.json is readable and has its tables
+    files           every listed file: inside the package, no links, size and sha256 as listed;
+                    no file that the manifest does not list
+    external_data   every graph's external references: listed files, offsets and lengths in bounds,
+                    no absurd dimensions, graphs made by gemma4-onnx
+    onnx_checker    onnx.checker full check (with shape inference) of every graph
+    sessions        onnxruntime creates a session for every graph, with the manifest's inputs and outputs
+    signatures      graphs agree with the manifest, embed outputs feed the decoder, cache layout matches
+    tokenizer       tokenizer.json (where the package has one) has no id beyond the vocabulary
+
+No torch: this runs where the package is deployed.
+"""
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from gemma4_onnx.errors import Gemma4OnnxError, UsageError
+from gemma4_onnx.graphs.manifest import MANIFEST, read_manifest
+from gemma4_onnx.runtime.package_files import (
+    TOKENIZER,
+    check_graph,
+    check_listed_file,
+    check_manifest_shape,
+    graph_entries,
+    graph_files,
+    has_weights,
+    signature_problems,
+    tokenizer_problem,
+)
+
+REPORT_FORMAT = "gemma4-onnx-verify/1"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _collect(problems: list[str], action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except Gemma4OnnxError as exc:
+        problems.append(str(exc))
+    return None
+
+
+def unlisted_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    listed = set(manifest["files"]) | {MANIFEST}
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in listed)
+
+
+def _check_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    for name, entry in manifest["files"].items():
+        _collect(problems, functools.partial(check_listed_file, directory, name, entry, manifest))
+    problems += [f"{directory}: file {name} is not listed in the manifest" for name in unlisted_files(directory,
+                                                                                                     manifest)]
+    return problems
+
+
+def _run_checker(directory: Path, files: list[str], models: dict[str, onnx.ModelProto], weights: bool) -> list[str]:
+    problems = []
+    for name in files:
+        try:  # by path, so the checker also sees the external data; without weights, the parsed graph
+            onnx.checker.check_model(str(directory / name) if weights else models[name], full_check=True)
+        except Exception as exc:  # the checker's ValidationError, shape inference errors: all are findings
+            problems.append(f"{name}: {_one_line(exc)}")
+    return problems
+
+
+def _run_sessions(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    import onnxruntime as ort
+
+    from gemma4_onnx.runtime.text_model import session_options
+
+    problems = []
+    for entry in graph_entries(manifest):
+        try:
+            session = ort.InferenceSession(str(directory / entry["file"]), session_options(),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for every load failure
+            problems.append(f"{entry['file']}: onnxruntime cannot create a session ({_one_line(exc)})")
+            continue
+        for kind, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+            names = sorted(v.name for v in values)
+            if names != sorted(v["name"] for v in entry.get(kind, [])):
+                problems.append(f"{entry['file']}: onnxruntime's {kind} {names} differ from the manifest's")
+        del session
+    return problems
+
+
+def verify_package(directory: str | Path) -> dict[str, Any]:
+    """The report: each check with its problems; ``passed`` only when every check passed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory")
+    checks: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"format": REPORT_FORMAT, "model_dir": str(directory.resolve()), "checks": checks}
+
+    def record(name: str, problems: list[str] | None, note: str | None = None) -> bool:
+        checks.append({"check": name, "passed": problems == [], "problems": problems or [],
+                       **({"note": note} if note else {})})
+        return problems == []
+
+    manifest: dict[str, Any] = {}
+    problems: list[str] = []
+    manifest = _collect(problems, lambda: read_manifest(directory)) or {}
+    if manifest:
+        _collect(problems, lambda: check_manifest_shape(directory, manifest))
+    if not record("manifest", problems):
+        for name in ("files", "external_data", "onnx_checker", "sessions", "signatures", "tokenizer"):
+            record(name, None, "skipped: the manifest is unusable")
+        report["passed"] = False
+        return report
+
+    files = graph_files(manifest)
+    weights = has_weights(manifest)
+    files_ok = record("files", _check_files(directory, manifest))
+    problems = []
+    models = {name: model for name in files
+              if (model := _collect(problems, functools.partial(check_graph, directory, name, manifest))) is not None}
+    safe = record("external_data", problems) and files_ok
+    unsafe = "skipped: onnx and onnxruntime are not run on a package that failed the file checks"
+    if safe:
+        record("onnx_checker", _run_checker(directory, files, models, weights))
+    else:
+        record("onnx_checker", None, unsafe)
+    if not safe:
+        record("sessions", None, unsafe)
+    elif weights:
+        record("sessions", _run_sessions(directory, manifest))
+    else:
+        record("sessions", [], "structure-only package: no weights, no sessions")
+    record("signatures", signature_problems(manifest, models))
+    vocab = (manifest.get("text_config") or {}).get("vocab_size")
+    if TOKENIZER in manifest["files"] and isinstance(vocab, int) and files_ok:
+        record("tokenizer", [p] if (p := tokenizer_problem(directory / TOKENIZER, vocab)) else [])
+    report.update({"passed": all(c["passed"] for c in checks), "graphs": files, "weights": weights,
+                   "files": len(manifest["files"])})
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = []
+    for check in report["checks"]:
+        status = "PASS" if check["passed"] else ("SKIP" if check.get("note", "").startswith("skipped") else "FAIL")
+        lines.append(f"{status}  {check['check']}" + (f"  ({check['note']})" if check.get("note") else ""))
+        lines += [f"      {p}" for p in check["problems"][:5]]
+        if len(check["problems"]) > 5:
+            lines.append(f"      … and {len(check['problems']) - 5} more")
+    lines.append(f"{report['model_dir']}: {'verified' if report['passed'] else 'NOT a valid package'}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,292 @@
+"""A package's files checked before onnx or onnxruntime reads any of them.
+
+Both libraries document their own external-data checks as best-effort, and onnx's external-data CVEs
+(path traversal, symbolic and hard links out of the model directory) show what a hostile package can
+do. So every file the manifest lists must be a regular file inside the package, reached without a
+link, with one hard link, and with the manifest's size and sha256; every external-data reference in
+every graph must name such a file and lie within it; no declared dimension may be absurd. Graphs are
+parsed as protobuf only (``load_external_data=False``) to find those references.
+"""
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import onnx
+from onnx import AttributeProto, GraphProto, TensorProto
+
+from gemma4_onnx.errors import PackageError
+from gemma4_onnx.graphs.manifest import MANIFEST, graph_signature, sha256
+
+PRODUCER = "gemma4-onnx"
+TOKENIZER = "tokenizer.json"
+MAX_DIMENSION = 1 << 31  # no Gemma 4 tensor or activation has an axis this long
+MAX_GRAPH_BYTES = (1 << 31) - 1  # protobuf's limit: weights of larger graphs must be external
+EXTERNAL_KEYS = {"location", "offset", "length", "checksum"}
+SUB_BYTE_BITS: dict[int, int] = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}
+
+
+def _fail(directory: Path, message: str) -> PackageError:
+    return PackageError(f"{directory}: {message}")
+
+
+def check_manifest_shape(directory: Path, manifest: dict[str, Any]) -> None:
+    """The manifest has the tables the checks below read, with the types they expect."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()):
+        raise _fail(directory, f"{MANIFEST} has no valid 'files' table (name → bytes, sha256)")
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(g), dict) and "file" in graphs[g]
+                                               for g in ("embed", "decoder")):
+        raise _fail(directory, f"{MANIFEST} has no valid 'graphs' table (embed, decoder)")
+    for graph in ("embed", "decoder"):
+        if graphs[graph]["file"] not in files:
+            raise _fail(directory, f"graph {graphs[graph]['file']} is not among the manifest's files")
+    cache = manifest.get("cache") or []
+    if not isinstance(cache, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("past"), list) and isinstance(c.get("present"), list)
+            and isinstance(c.get("shape"), list) and len(c["shape"]) == 4 for c in cache):
+        raise _fail(directory, f"{MANIFEST} has no valid 'cache' table")
+
+
+def graph_entries(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every graph entry of the manifest (embed, decoder, blocks, and any a later stage adds)."""
+    def walk(value: Any) -> Iterator[dict[str, Any]]:
+        if isinstance(value, dict):
+            if isinstance(value.get("file"), str) and value["file"].endswith(".onnx"):
+                yield value
+            for item in value.values():
+                yield from walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from walk(item)
+
+    yield from walk(manifest.get("graphs"))
+
+
+def graph_files(manifest: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(entry["file"] for entry in graph_entries(manifest)))
+
+
+def safe_relative(directory: Path, name: str, what: str) -> PurePosixPath:
+    """``name`` as a path that cannot leave the package: relative, no ``..``, no backslashes."""
+    path = PurePosixPath(name)
+    if (not name or not path.parts or "\0" in name or "\\" in name or path.is_absolute() or ".." in path.parts
+            or name.startswith("~")):
+        raise _fail(directory, f"{what} {name!r} escapes the package directory")
+    return path
+
+
+def contained_file(directory: Path, relative: PurePosixPath, what: str) -> os.stat_result:
+    """lstat of a regular file at ``relative`` inside ``directory``, reached through no symbolic link."""
+    root = directory.resolve()
+    current = root
+    for i, part in enumerate(relative.parts):
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            raise _fail(directory, f"{what} is missing") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise _fail(directory, f"{what}: {PurePosixPath(*relative.parts[:i + 1])} is a symbolic link "
+                                   "(a package holds plain files only)")
+    if not stat.S_ISREG(info.st_mode):
+        raise _fail(directory, f"{what} is not a regular file")
+    if info.st_nlink > 1:
+        raise _fail(directory, f"{what} has {info.st_nlink} hard links (one may lie outside the package)")
+    if not current.resolve().is_relative_to(root):
+        raise _fail(directory, f"{what} resolves outside the package directory")
+    return info
+
+
+def check_listed_file(directory: Path, name: str, entry: dict[str, Any], manifest: dict[str, Any],
+                      checksum: bool = True) -> None:
+    ple_file = (manifest.get("ple") or {}).get("file")
+    what = f"package file {name}" + (" (the per-layer embedding table)" if name == ple_file else "")
+    info = contained_file(directory, safe_relative(directory, name, "manifest entry"), what)
+    if info.st_size != entry["bytes"]:
+        raise _fail(directory, f"{what} has {info.st_size} bytes, the manifest says {entry['bytes']}")
+    if checksum and sha256(directory / name) != entry["sha256"]:
+        raise _fail(directory, f"{what}: sha256 differs from the manifest (the file was changed after export)")
+
+
+def tensor_bytes(tensor: TensorProto) -> int:
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    if tensor.data_type in SUB_BYTE_BITS:
+        return -(-count * SUB_BYTE_BITS[tensor.data_type] // 8)
+    if tensor.data_type in (TensorProto.UNDEFINED, TensorProto.STRING):
+        return -1
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _tensors(graph: GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
+    for attribute in node.attribute:
+        if attribute.type == AttributeProto.TENSOR:
+            yield attribute.t
+        elif attribute.type == AttributeProto.TENSORS:
+            yield from attribute.tensors
+        elif attribute.type == AttributeProto.GRAPH:
+            yield from _tensors(attribute.g)
+        elif attribute.type == AttributeProto.GRAPHS:
+            for g in attribute.graphs:
+                yield from _tensors(g)
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    yield from _tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _check_dims(directory: Path, graph_file: str, what: str, dims: list[int]) -> None:
+    if any(d < 0 or d > MAX_DIMENSION for d in dims):
+        raise _fail(directory, f"{graph_file}: {what} declares dimensions {dims} (negative or above {MAX_DIMENSION})")
+
+
+def has_weights(manifest: dict[str, Any]) -> bool:
+    """False for ``export --structure-only`` packages, whose graphs point into data files never written."""
+    return not str(manifest.get("weights", "complete")).startswith("none")
+
+
+def check_external_tensor(directory: Path, graph_file: str, tensor: TensorProto, manifest: dict[str, Any]) -> None:
+    """One external-data reference: a listed, contained file, and bytes within it that fit the tensor."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    where = f"{graph_file}: tensor {tensor.name}"
+    if unknown := sorted(set(entries) - EXTERNAL_KEYS):
+        raise _fail(directory, f"{where}: unknown external-data key(s) {', '.join(unknown)}")
+    location = safe_relative(directory, entries.get("location", ""), f"{where}: external-data location")
+    relative = (PurePosixPath(graph_file).parent / location).as_posix()
+    if not has_weights(manifest):
+        return
+    if relative not in manifest["files"]:
+        raise _fail(directory, f"{where}: external-data file {relative} is not listed in the manifest")
+    info = contained_file(directory, PurePosixPath(relative), f"{where}: external-data file {relative}")
+    for key in ("offset", "length"):
+        if key in entries and not re.fullmatch(r"\d{1,20}", entries[key]):
+            raise _fail(directory, f"{where}: external-data {key} {entries[key]!r} is not a byte count")
+    needed = tensor_bytes(tensor)
+    if needed < 0:
+        raise _fail(directory, f"{where}: element type {tensor.data_type} cannot be stored externally")
+    offset = int(entries.get("offset", "0"))
+    length = int(entries.get("length", str(needed)))
+    if length != needed:
+        raise _fail(directory, f"{where}: external-data length {length} does not match its shape {list(tensor.dims)} "
+                               f"({needed} bytes)")
+    if offset + length > info.st_size:
+        raise _fail(directory, f"{where}: bytes {offset}..{offset + length} lie beyond the end of {relative} "
+                               f"({info.st_size} bytes)")
+
+
+def check_graph(directory: Path, graph_file: str, manifest: dict[str, Any]) -> onnx.ModelProto:
+    """Parse one graph without its data and check every external reference, dimension and its origin."""
+    path = directory / graph_file
+    if graph_file not in manifest["files"]:
+        raise _fail(directory, f"graph {graph_file} is not among the manifest's files")
+    size = contained_file(directory, safe_relative(directory, graph_file, "graph"), f"graph {graph_file}").st_size
+    if size > MAX_GRAPH_BYTES:
+        raise _fail(directory, f"graph {graph_file} has {size} bytes, more than protobuf can hold")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: any of them means not an ONNX graph
+        raise _fail(directory, f"graph {graph_file} is not a valid ONNX file ({type(exc).__name__})") from None
+    if model.producer_name != PRODUCER:
+        raise _fail(directory, f"graph {graph_file} was produced by {model.producer_name or 'an unnamed tool'!r}, "
+                               f"not {PRODUCER}")
+    for tensor in model_tensors(model):
+        _check_dims(directory, graph_file, f"tensor {tensor.name}", list(tensor.dims))
+        if tensor.data_location == TensorProto.EXTERNAL:
+            check_external_tensor(directory, graph_file, tensor, manifest)
+        elif tensor.raw_data and len(tensor.raw_data) != tensor_bytes(tensor):
+            raise _fail(directory, f"{graph_file}: tensor {tensor.name} holds {len(tensor.raw_data)} bytes, its shape "
+                                   f"{list(tensor.dims)} needs {tensor_bytes(tensor)}")
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        _check_dims(directory, graph_file, f"value {value.name}", dims)
+    return model
+
+
+def signature_problems(manifest: dict[str, Any], models: dict[str, onnx.ModelProto]) -> list[str]:
+    """Where the graphs disagree with the manifest, with its text config, or with each other."""
+    problems = []
+    for entry in graph_entries(manifest):
+        model = models.get(entry["file"])
+        if model is not None and graph_signature(model) != {k: entry.get(k) for k in ("inputs", "outputs")}:
+            problems.append(f"graph {entry['file']}: inputs/outputs differ from the manifest's")
+    graphs = manifest["graphs"]
+    embed, decoder = models.get(graphs["embed"]["file"]), models.get(graphs["decoder"]["file"])
+    if embed is None or decoder is None:
+        return problems
+    embed_out = {v["name"]: v for v in graph_signature(embed)["outputs"]}
+    decoder_sig = graph_signature(decoder)
+    decoder_in = {v["name"]: v for v in decoder_sig["inputs"]}
+    decoder_out = {v["name"]: v for v in decoder_sig["outputs"]}
+    text = manifest.get("text_config") or {}
+    hidden, vocab = text.get("hidden_size"), text.get("vocab_size")
+    if "inputs_embeds" in embed_out and embed_out["inputs_embeds"]["shape"][-1] != hidden:
+        problems.append(f"inputs_embeds width {embed_out['inputs_embeds']['shape'][-1]} is not the config's "
+                        f"hidden_size {hidden} (a graph of another variant?)")
+    if "logits" not in decoder_out or decoder_out["logits"]["shape"][-1] != vocab:
+        problems.append(f"decoder logits are not [..., {vocab}] (the config's vocab_size)")
+    for name, output in embed_out.items():
+        if decoder_in.get(name) != output:
+            problems.append(f"embed output {name} {output['shape']} is not a decoder input of that type and shape")
+    for layer in manifest.get("cache") or []:
+        _, heads, _, dim = layer["shape"]
+        for names, table, kind in ((layer["past"], decoder_in, "input"), (layer["present"], decoder_out, "output")):
+            for name in names:
+                value: dict[str, Any] | None = table.get(name)
+                if value is None or len(value["shape"]) != 4 or value["shape"][1::2] != [heads, dim]:
+                    problems.append(f"cache tensor {name} of layer {layer['layer']} is not a decoder {kind} "
+                                    f"[batch, {heads}, *, {dim}]")
+    cached = {n for layer in manifest.get("cache") or [] for n in layer["past"]}
+    for name in decoder_in:
+        if name.startswith("past.") and name not in cached:
+            problems.append(f"decoder input {name} is not in the manifest's cache layout")
+    return problems
+
+
+def tokenizer_problem(path: Path, vocab_size: int) -> str | None:
+    """Why ``tokenizer.json`` cannot serve a model with ``vocab_size`` ids, or None (checkpoints too)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises plain Exception for unreadable files
+        return f"{path.name} is not a readable tokenizer ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= vocab_size:
+        return f"{path.name} has token id {top}, beyond the model's vocab_size {vocab_size}"
+    return None
+
+
+def check_package(directory: Path, manifest: dict[str, Any], checksums: bool = True) -> dict[str, onnx.ModelProto]:
+    """Everything above, stopping at the first problem; the parsed graphs (without data) by file. A graph
+    entry whose file the manifest does not list is left to ``verify``, which fails it: no loader may
+    open such a file."""
+    directory = Path(directory)
+    check_manifest_shape(directory, manifest)
+    for name, entry in manifest["files"].items():
+        check_listed_file(directory, name, entry, manifest, checksums)
+    models = {name: check_graph(directory, name, manifest) for name in graph_files(manifest)
+              if name in manifest["files"]}
+    if problems := signature_problems(manifest, models):
+        raise _fail(directory, problems[0])
+    vocab = (manifest.get("text_config") or {}).get("vocab_size")
+    if TOKENIZER in manifest["files"] and isinstance(vocab, int) and (
+            problem := tokenizer_problem(directory / TOKENIZER, vocab)):
+        raise _fail(directory, problem)
+    return models
