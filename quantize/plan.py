@@ -19,12 +19,17 @@ PREFIX = "model.language_model."
 LAYER = re.compile(r"layers\.(\d+)\.")
 LINEAR_SUFFIXES = ("_proj.weight", "per_layer_input_gate.weight", "per_layer_projection.weight")
 LINEAR_KINDS = ("linear", "router", "experts")  # what "bits per linear weight" averages over
+# Encoder towers: the 2-D weights their graphs multiply with (MatMul through a Transpose), by checkpoint name.
+TOWERS = {"vision": ("model.vision_tower.", "model.embed_vision."),
+          "audio": ("model.audio_tower.", "model.embed_audio.")}
+TOWER_LINEAR_SUFFIXES = ("linear.weight", "embedding_projection.weight", "patch_embedder.input_proj.weight",
+                         "input_proj_linear.weight")
 
 
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    kind: str  # linear | router | experts | embedding | ple
+    kind: str  # linear | router | experts | embedding | ple | vision | audio
     shape: tuple[int, ...]
     layer: int | None
 
@@ -45,6 +50,9 @@ class Entry:
 
 
 def classify(name: str, shape: tuple[int, ...]) -> str | None:
+    for tower, prefixes in TOWERS.items():
+        if name.startswith(prefixes):
+            return tower if len(shape) == 2 and name.endswith(TOWER_LINEAR_SUFFIXES) else None
     if not name.startswith(PREFIX):
         return None
     if name == PREFIX + "embed_tokens.weight":
@@ -65,12 +73,14 @@ def candidates(shapes: dict[str, tuple[int, ...]]) -> list[Candidate]:
     for name, shape in shapes.items():
         kind = classify(name, shape)
         if kind is not None:
-            match = LAYER.search(name)
+            match = LAYER.search(name) if kind not in TOWERS else None  # layer ranges address decoder layers
             out.append(Candidate(name, kind, shape, int(match.group(1)) if match else None))
     return out
 
 
 def layer_types(candidate: Candidate, geometry: TextGeometry) -> set[str]:
+    if candidate.kind in TOWERS:
+        return {candidate.kind}
     if candidate.layer is None:
         return set()
     spec = geometry.layers[candidate.layer]

@@ -15,7 +15,7 @@ that matches a tensor decides for it; ``[default]`` decides for the rest::
     name = "router"           # optional: how the plan and errors refer to the rule
     match = 'router\\.proj\\.weight$'    # an exact name, or a regular expression searched in the name
     layers = "0-3,29"         # optional: only these layer indices
-    layer_types = ["full"]    # optional: sliding | full | shared | moe
+    layer_types = ["full"]    # optional: sliding | full | shared | moe | vision | audio (the encoder towers)
     bits = "float"            # or any default key; or skip = true (left exactly as exported)
     optional = true           # may match nothing (family-specific rules of shared recipes)
 
@@ -40,7 +40,7 @@ from gemma4_onnx.errors import UsageError
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("rtn", "hqq", "k-quant", "gptq")
-LAYER_TYPES = ("sliding", "full", "shared", "moe")
+LAYER_TYPES = ("sliding", "full", "shared", "moe", "vision", "audio")
 DECISION_KEYS = ("bits", "block_size", "symmetric", "algorithm")
 RULE_KEYS = ("name", "match", "layers", "layer_types", "skip", "optional", *DECISION_KEYS)
 TOP_KEYS = ("description", "default", "rules", "budget_bits")

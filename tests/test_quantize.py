@@ -204,3 +204,25 @@ def test_budget_goes_to_the_most_harmful_tensors_per_extra_bit() -> None:
     with pytest.raises(UsageError, match="below this recipe's own"):
         spend(plan, sensitivity, floor - 0.1)
     assert spend(plan, sensitivity, floor - 0.1, asked=False) == plan  # a recipe's own budget buys nothing
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_encoder_towers_are_quantized_to_int8_and_keep_their_soft_tokens(recipe: str, packages, exported) -> None:
+    from gemma4_onnx.multimodal_parity import synthetic_clip, synthetic_image
+    from gemma4_onnx.runtime.image_processing import image_patches
+    from gemma4_onnx.runtime.multimodal import MultimodalModel
+    from gemma4_onnx.runtime.parity import block_parity
+
+    _, package = packages("tiny-e2b", recipe)
+    plan = json.loads((package / "manifest.json").read_text())["quantization"]["plan"]
+    towers = [e for e in plan if e["kind"] in ("vision", "audio")]
+    assert {e["kind"] for e in towers} == {"vision", "audio"} and all(e["bits"] == 8 for e in towers)
+    for graph in ("vision_encoder.onnx", "audio_encoder.onnx"):
+        assert any(n.op_type == "MatMulNBits" for n in onnx.load(package / graph, load_external_data=False).graph.node)
+    quantized, fp32 = MultimodalModel(package), MultimodalModel(exported("tiny-e2b")[1])
+    entry = fp32.graphs["vision_encoder"]
+    patches = image_patches(synthetic_image(), 70, entry["patch_size"], entry["pooling_kernel_size"])
+    clip = synthetic_clip()
+    for name, ours, reference in [("vision", quantized.image_soft_tokens(patches), fp32.image_soft_tokens(patches)),
+                                  ("audio", quantized.audio_soft_tokens(clip), fp32.audio_soft_tokens(clip))]:
+        assert block_parity(name, reference, ours)["cosine"] >= tolerances.SOFT_TOKEN_INT8_MIN_COSINE, name
