@@ -15,7 +15,8 @@ import torch
 from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
 
 from gemma4_onnx.graphs import domain, prope
-from gemma4_onnx.graphs.lower_ort import MS_DOMAIN, LowerToOrtPass, rope_tables
+from gemma4_onnx.graphs.domain import ORT_CONTRIB_DOMAIN
+from gemma4_onnx.graphs.lower_ort import LowerToOrtPass, rope_tables
 
 from op_harness import (
     CASES,
@@ -105,7 +106,7 @@ def test_prope_lowered_to_rotary_embedding(
     theta, fraction = ROPE[layer_type]
     lowered = lowered_rope(theta, fraction, head_dim, head_axis)
     assert lowered.lowering.lowered == {"PRoPE": 1}
-    assert (MS_DOMAIN, "RotaryEmbedding") in lowered.op_types()
+    assert (ORT_CONTRIB_DOMAIN, "RotaryEmbedding") in lowered.op_types()
     assert not any(d == domain.DOMAIN for d, _ in lowered.op_types())
     assert not lowered.model.functions
 
@@ -133,7 +134,7 @@ KV_CASES += [("real", "decode-below-window"), ("real", "decode-at-window")]
 def test_kv_attention_lowered_to_group_query_attention(geometry: str, scenario: str, layer: int) -> None:
     lowered = lowered_attention(geometry, layer)
     assert lowered.lowering.lowered == {"KEqVAttention:kv": 1}
-    assert (MS_DOMAIN, "GroupQueryAttention") in lowered.op_types()
+    assert (ORT_CONTRIB_DOMAIN, "GroupQueryAttention") in lowered.op_types()
     assert not any(d == domain.DOMAIN for d, _ in lowered.op_types())
     assert not lowered.model.functions  # the nested PRoPE went with the node
 
