@@ -79,13 +79,18 @@ def _run_checker(directory: Path, files: list[str], models: dict[str, onnx.Model
     return problems
 
 
-def _run_sessions(directory: Path, manifest: dict[str, Any]) -> list[str]:
+def ort_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The graphs of a mobile package: ORT-format files (flatbuffers, not ONNX protobuf)."""
+    return [e for e in manifest["graphs"].values() if isinstance(e, dict) and str(e.get("file", "")).endswith(".ort")]
+
+
+def _run_sessions(directory: Path, entries: list[dict[str, Any]]) -> list[str]:
     import onnxruntime as ort
 
     from gemma4_onnx.runtime.text_model import session_options
 
     problems = []
-    for entry in graph_entries(manifest):
+    for entry in entries:
         try:
             session = ort.InferenceSession(str(directory / entry["file"]), session_options(),
                                            providers=["CPUExecutionProvider"])
@@ -127,6 +132,8 @@ def verify_package(directory: str | Path) -> dict[str, Any]:
     files = graph_files(manifest)
     weights = has_weights(manifest)
     files_ok = record("files", _check_files(directory, manifest))
+    if manifest.get("kind") == "mobile":
+        return _verify_mobile(directory, manifest, report, record, files_ok)
     problems = []
     models = {name: model for name in files
               if (model := _collect(problems, functools.partial(check_graph, directory, name, manifest))) is not None}
@@ -139,7 +146,7 @@ def verify_package(directory: str | Path) -> dict[str, Any]:
     if not safe:
         record("sessions", None, unsafe)
     elif weights:
-        record("sessions", _run_sessions(directory, manifest))
+        record("sessions", _run_sessions(directory, list(graph_entries(manifest))))
     else:
         record("sessions", [], "structure-only package: no weights, no sessions")
     record("signatures", signature_problems(manifest, models))
@@ -148,6 +155,35 @@ def verify_package(directory: str | Path) -> dict[str, Any]:
         record("tokenizer", [p] if (p := tokenizer_problem(directory / TOKENIZER, vocab)) else [])
     report.update({"passed": all(c["passed"] for c in checks), "graphs": files, "weights": weights,
                    "files": len(manifest["files"])})
+    return report
+
+
+def _verify_mobile(directory: Path, manifest: dict[str, Any], report: dict[str, Any],
+                   record: Callable[..., bool], files_ok: bool) -> dict[str, Any]:
+    """A mobile package: ORT-format graphs (no external data; the onnx checker does not read them, so
+    onnxruntime's own loader is the check) and the PLE row tables inside their file."""
+    entries = ort_entries(manifest)
+    problems = [] if entries else [f"{directory}: a mobile manifest without .ort graphs"]
+    for table in (manifest.get("ple") or {}).get("tables", []):
+        size = manifest["files"].get(table.get("file"), {}).get("bytes", -1)
+        try:
+            end = int(table["offset"]) + int(table["rows"]) * int(table["row_bytes"])
+            inside = int(table["offset"]) >= 0 and end <= size
+        except (KeyError, TypeError, ValueError):
+            inside = False
+        if not inside:
+            problems.append(f"PLE row table {table.get('tensor')} does not lie inside {table.get('file')}")
+    record("external_data", problems, "ORT format: graphs carry their weights; PLE row tables checked")
+    record("onnx_checker", [], "ORT format is not ONNX protobuf: onnxruntime's loader validates it (sessions)")
+    if files_ok and not problems:
+        record("sessions", _run_sessions(directory, entries))
+    else:
+        record("sessions", None, "skipped: onnxruntime is not run on a package that failed the file checks")
+    vocab = (manifest.get("text_config") or {}).get("vocab_size")
+    if TOKENIZER in manifest["files"] and isinstance(vocab, int) and files_ok:
+        record("tokenizer", [p] if (p := tokenizer_problem(directory / TOKENIZER, vocab)) else [])
+    report.update({"passed": all(c["passed"] for c in report["checks"]), "graphs": [e["file"] for e in entries],
+                   "weights": True, "files": len(manifest["files"])})
     return report
 
 

@@ -135,3 +135,25 @@ def test_cli_mobile_refuses_a_non_empty_output(mobile, tmp_path, capsys):
     (tmp_path / "keep").write_text("x")
     assert main(["mobile", str(package), str(tmp_path), "--quiet"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_verify_accepts_the_mobile_package_and_rejects_tampering(mobile, tmp_path) -> None:
+    import shutil
+
+    from gemma4_onnx.verify import verify_package
+
+    _, out = mobile("tiny-e2b")
+    report = verify_package(out)
+    assert report["passed"] and {"embed.ort", "decoder.ort"} <= set(report["graphs"])
+    assert next(c for c in report["checks"] if c["check"] == "sessions")["problems"] == []
+    flipped = Path(shutil.copytree(out, tmp_path / "flipped"))
+    data = bytearray((flipped / "decoder.ort").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (flipped / "decoder.ort").write_bytes(bytes(data))
+    assert not verify_package(flipped)["passed"]
+    moved = Path(shutil.copytree(out, tmp_path / "moved"))
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["ple"]["tables"][0]["offset"] = 1 << 40
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    checks = {c["check"]: c for c in verify_package(moved)["checks"]}
+    assert not checks["external_data"]["passed"] and checks["sessions"]["passed"] is False
