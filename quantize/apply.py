@@ -45,6 +45,7 @@ from gemma4_onnx.quantize.experts import (
     nbits_node,
     quantize_experts,
 )
+from gemma4_onnx.quantize.memo import remembered
 from gemma4_onnx.quantize.plan import Entry, resolve
 from gemma4_onnx.quantize.recipe import Decision, load_recipe
 from gemma4_onnx.quantize.sensitivity import sensitivities
@@ -339,11 +340,14 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
     text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
     sensitivity: dict[str, float] = {}
     if recipe.budget_bits is not None:
-        sensitivity = sensitivities(source, upgradable(plan), text)
+        candidates = upgradable(plan)
+        detail = tuple((e.candidate.name, e.decision.block_size, e.decision.symmetric) for e in candidates)
+        sensitivity = remembered("sensitivity", source, text, detail, lambda: sensitivities(source, candidates, text))
         plan = spend(plan, sensitivity, recipe.budget_bits, asked=budget_bits is not None)
     plan_json = [e.as_dict() for e in plan]
     calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
-    hessians = input_hessians(source, calibrated, text) if calibrated else {}
+    hessians = remembered("hessians", source, text, frozenset(calibrated),
+                          lambda: input_hessians(source, calibrated, text)) if calibrated else {}
     with publish_dir(Path(out_dir), force=force) as staging:
         quantizer = Quantizer(source, staging, plan, geometry.ple_dim, hessians)
         graphs = json.loads(json.dumps(manifest["graphs"]))

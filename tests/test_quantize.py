@@ -15,7 +15,7 @@ from gemma4_onnx.graphs.external_data import PAGE, external_entries
 from gemma4_onnx.parity_run import run_parity
 from gemma4_onnx.quantize.apply import ple_bytes, quantize_package
 from gemma4_onnx.quantize.plan import resolve
-from gemma4_onnx.quantize.recipe import BUILTIN, load_recipe, parse_recipe
+from gemma4_onnx.quantize.recipe import BUILTIN, Decision, load_recipe, parse_recipe
 from gemma4_onnx.runtime.text_model import TextModel
 
 from support import TRAINED_FIXTURES
@@ -115,7 +115,13 @@ def packages(exported, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("source", ["tiny-e2b", "tiny-26b-a4b"])
+# tiny-e2b and tiny-26b-a4b cover every layer kind in make test (PLE, KV sharing, K=V, MoE); the other two
+# families run in make test-slow.
+TINY_VARIANTS = ["tiny-e2b", "tiny-26b-a4b", pytest.param("tiny-e4b", marks=pytest.mark.slow),
+                 pytest.param("tiny-31b", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("source", TINY_VARIANTS)
 @pytest.mark.parametrize("recipe", BUILTIN)
 def test_every_recipe_runs_on_tiny_variants(source: str, recipe: str, packages) -> None:
     _, package = packages(source, recipe)
@@ -150,7 +156,10 @@ def test_quantized_ple_data_holds_only_the_quantized_ple_table(recipe: str, bits
                 payload += int(external_entries(tensor)["length"])
     assert in_ple == {f"{PLE_TABLE}.q{bits}", f"{PLE_TABLE}.scales", f"{PLE_TABLE}.zero_points"}
     geometry = text_geometry(variant_config("tiny-e2b"))
-    decision = next(e for e in load_recipe(recipe).rules if e.match == PLE_TABLE).decide(load_recipe(recipe).default)
+    planned = next(e for e in json.loads((package / "manifest.json").read_text())["quantization"]["plan"]
+                   if e["tensor"] == PLE_TABLE)
+    decision = Decision(**{k: planned[k] for k in ("bits", "block_size", "symmetric", "algorithm")})
+    assert decision.bits == bits
     expected = ple_bytes(geometry.ple_vocab_size, geometry.num_layers, geometry.ple_dim, decision)
     assert payload == expected  # the formula the README's E2B/E4B sizes come from
     assert payload <= (package / "ple.data").stat().st_size <= payload + 3 * PAGE  # alignment padding only
