@@ -7,6 +7,8 @@ carry k/v projections for KV-shared layers that the reference drops: they are ig
 """
 
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,20 +106,33 @@ class Checkpoint:
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, read from the memory-mapped file and checked for NaN/Inf."""
+        value = self._handle(self._entry(name).file).get_tensor(name)
+        _check_finite(name, *_non_finite(value))
+        return value if dtype is None else value.to(dtype)
+
+    def row_chunks(self, name: str, max_values: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The tensor in chunks of whole rows (at most ``max_values`` values each, at least one row), read
+        from the file as they are needed; the NaN/Inf check covers the whole tensor and fails after the
+        last chunk, counting every bad value."""
+        entry = self._entry(name)
+        if not entry.shape:
+            yield self.tensor(name, dtype)
+            return
+        step = max(1, max_values // max(1, math.prod(entry.shape[1:])))
+        handle = self._handle(entry.file).get_slice(name)
+        bad = nan = 0
+        for start in range(0, entry.shape[0], step):
+            value = handle[start:start + step]
+            chunk_bad, chunk_nan = _non_finite(value)
+            bad, nan = bad + chunk_bad, nan + chunk_nan
+            yield value.to(dtype)
+        _check_finite(name, bad, nan)
+
+    def _entry(self, name: str) -> TensorEntry:
         entry = self.entries.get(name)
         if entry is None:
             raise CheckpointError(f"{self.directory}: missing tensor {name}")
-        value = self._handle(entry.file).get_tensor(name)
-        if value.is_floating_point():
-            finite = torch.isfinite(value)
-            if not bool(finite.all()):
-                bad = value[~finite]
-                nan = int(torch.isnan(bad).sum())
-                allowed = name.endswith(INFINITE_ALLOWED) and nan == 0
-                if not allowed:
-                    raise CheckpointError(f"tensor {name} has {bad.numel()} non-finite values "
-                                          f"({nan} NaN, {bad.numel() - nan} Inf)")
-        return value if dtype is None else value.to(dtype)
+        return entry
 
     def tensors(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every tensor under ``prefix`` (one block's weights), keyed without the prefix."""
@@ -125,6 +140,22 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum(e.end - e.begin for e in self.entries.values())
+
+
+def _non_finite(value: torch.Tensor) -> tuple[int, int]:
+    """(non-finite values, of which NaN) in ``value``."""
+    if not value.is_floating_point():
+        return 0, 0
+    finite = torch.isfinite(value)
+    if bool(finite.all()):
+        return 0, 0
+    bad = value[~finite]
+    return bad.numel(), int(torch.isnan(bad).sum())
+
+
+def _check_finite(name: str, bad: int, nan: int) -> None:
+    if bad and not (name.endswith(INFINITE_ALLOWED) and nan == 0):
+        raise CheckpointError(f"tensor {name} has {bad} non-finite values ({nan} NaN, {bad - nan} Inf)")
 
 
 def _read_entries(directory: Path) -> dict[str, TensorEntry]:

@@ -9,7 +9,8 @@
                    and decoder.onnx points into the same files (nothing is stored twice)
     manifest.json  files + sha256, graph signatures, cache layout, source, versions (written last)
 
-Weights stream: each tensor is read from the source when its block is written and dropped after.
+Weights stream: each tensor is read from the source when its block is written, a chunk of rows at a
+time (the PLE table is 9.4 GB in fp32), and dropped after.
 Each distinct layer kind is traced once (see ``trace``); every other layer reuses its function.
 """
 
@@ -77,7 +78,7 @@ class _Writer(PackageWriter):
         self.lowering: dict[str, Any] = {}
 
     def tensor(self, weights: WeightSource, name: str, location: str) -> onnx.TensorProto:
-        return self.add(name, location, lambda: weights.tensor(name, torch.float32).numpy(), weights.shape(name))
+        return self.add(name, location, lambda: weights.chunks(name), weights.shape(name))
 
 
 TARGETS = ("portable", "ort")

@@ -3,16 +3,18 @@ generated on demand, tensor by tensor, exactly as ``init-checkpoint`` would writ
 rounding included), so exporting ``e2b`` equals exporting ``init-checkpoint e2b``'s output."""
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.checkpoint import Checkpoint
 from gemma4_onnx.exporter.geometry import TextGeometry, text_geometry
 from gemma4_onnx.exporter.hf_model import expected_tensors
-from gemma4_onnx.exporter.init_checkpoint import DTYPES, random_chunks
+from gemma4_onnx.exporter.init_checkpoint import CHUNK_VALUES, DTYPES, random_chunks
 from gemma4_onnx.exporter.variants import REGISTRY, get_variant
 
 
@@ -23,6 +25,8 @@ class WeightSource(Protocol):
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
     def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def chunks(self, name: str) -> Iterator[np.ndarray]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -49,6 +53,11 @@ class RandomWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.shapes[name]
 
+    def chunks(self, name: str) -> Iterator[np.ndarray]:
+        """The tensor's float32 values in consecutive chunks of whole rows, equal to ``tensor(name, float32)``."""
+        for chunk in random_chunks(name, self.shapes[name], self.seed):
+            yield chunk.to(DTYPES[self.dtype]).to(torch.float32).numpy()
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "random", "variant": self.variant, "seed": self.seed, "dtype": self.dtype}
 
@@ -64,6 +73,10 @@ class CheckpointWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.checkpoint.entries[name].shape
+
+    def chunks(self, name: str) -> Iterator[np.ndarray]:
+        for chunk in self.checkpoint.row_chunks(name, CHUNK_VALUES, torch.float32):
+            yield chunk.numpy()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "checkpoint", "path": str(self.checkpoint.directory.resolve())}

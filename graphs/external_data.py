@@ -8,7 +8,7 @@ allocation granularity onnxruntime needs to memory-map them on every OS); files 
 fresh, never appended to.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -35,20 +35,31 @@ class DataFile:
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         data = np.ascontiguousarray(array)
-        return self._place(name, data.shape, data.dtype, memoryview(data.reshape(-1).view(np.uint8).data))
+        return self._place(name, data.shape, data.dtype, [data])
+
+    def add_chunks(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterable[np.ndarray]) -> TensorProto:
+        """A tensor written from consecutive chunks of its flattened values (one chunk in memory at a time)."""
+        return self._place(name, shape, np.dtype(dtype), chunks)
 
     def reserve(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> TensorProto:
         """The initializer ``add`` would return, without data."""
         return self._place(name, shape, np.dtype(dtype), None)
 
-    def _place(self, name: str, shape: tuple[int, ...], dtype: np.dtype, data: memoryview | None) -> TensorProto:
+    def _place(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
+               chunks: Iterable[np.ndarray] | None) -> TensorProto:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         align = PAGE if nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGN
         pad = -self.offset % align
         if self._file is not None:
             self._file.write(b"\0" * pad)
-            assert data is not None
-            self._file.write(data)
+            assert chunks is not None
+            written = 0
+            for chunk in chunks:
+                data = np.ascontiguousarray(chunk, dtype=dtype)
+                self._file.write(memoryview(data.reshape(-1).view(np.uint8).data))
+                written += data.nbytes
+            if written != nbytes:
+                raise ValueError(f"{name}: {written} bytes written for shape {list(shape)} ({nbytes} expected)")
         self.offset += pad
         tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
         tensor.dims.extend(shape)
@@ -85,9 +96,10 @@ class PackageWriter:
         self.files: dict[str, DataFile] = {}
         self.written: dict[str, TensorProto] = {}
 
-    def add(self, name: str, location: str, load: Callable[[], np.ndarray], shape: tuple[int, ...] | None = None,
-            dtype: np.dtype | type = np.float32) -> TensorProto:
-        """Write ``load()`` (or, structure only, reserve ``shape``) under ``name`` into ``location``."""
+    def add(self, name: str, location: str, load: Callable[[], np.ndarray | Iterator[np.ndarray]],
+            shape: tuple[int, ...] | None = None, dtype: np.dtype | type = np.float32) -> TensorProto:
+        """Write ``load()`` (or, structure only, reserve ``shape``) under ``name`` into ``location``.
+        ``load`` returns the array, or an iterator of consecutive chunks of it (``shape`` then required)."""
         if name not in self.written:
             if location not in self.files:
                 self.files[location] = DataFile(self.root, location, write=not self.structure_only)
@@ -95,7 +107,12 @@ class PackageWriter:
                 assert shape is not None
                 self.written[name] = self.files[location].reserve(name, shape, np.dtype(dtype))
             else:
-                self.written[name] = self.files[location].add(name, load())
+                loaded = load()
+                if isinstance(loaded, np.ndarray):
+                    self.written[name] = self.files[location].add(name, loaded)
+                else:
+                    assert shape is not None
+                    self.written[name] = self.files[location].add_chunks(name, shape, np.dtype(dtype), loaded)
         return self.written[name]
 
     def alias(self, name: str, of: str, dims: tuple[int, ...], data_type: int) -> TensorProto:
