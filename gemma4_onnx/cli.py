@@ -60,7 +60,12 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from gemma4_onnx.parity_run import run_parity, summary, write_report
 
     model_dir = Path(args.model_dir)
-    result = run_parity(model_dir, Path(args.checkpoint), Path(args.text) if args.text else None, args.steps)
+    if args.blocks:
+        from gemma4_onnx.block_parity import run_block_parity
+
+        result = run_block_parity(model_dir, args.checkpoint, args.layers, args.sequence)
+    else:
+        result = run_parity(model_dir, Path(args.checkpoint), Path(args.text) if args.text else None, args.steps)
     out = Path(args.out) if args.out else model_dir.parent / f"{model_dir.name}.parity"
     path = write_report(result, out)
     if args.json:
@@ -131,6 +136,13 @@ def not_built(stage: str) -> Handler:
     return handler
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4-onnx", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gemma4-onnx {__version__}")
@@ -178,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text")
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--blocks", action="store_true",
+                   help="only per-block parity, one layer in memory at a time (any variant size); --checkpoint "
+                        "may then be a variant name for packages exported from random weights")
+    p.add_argument("--layers", type=_layer_list, help="with --blocks: comma-separated layer indices (default: all)")
+    p.add_argument("--sequence", type=int, help="with --blocks: tokens per block (default: sliding window + 8)")
     p.add_argument("--out")
     p.add_argument("--json", action="store_true")
 

@@ -141,13 +141,15 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
 
 
 def summary(result: dict[str, Any]) -> str:
-    t = result["text"]
     worst = min(result["blocks"], key=lambda b: b["cosine"]) if result["blocks"] else None
-    lines = [
-        f"max |Δlogit| {t['max_abs_logit_diff']:.3g}   KL {t['kl_mean']:.3g} nats   top-1 {t['top1_agreement']:.4f}",
-        f"bits/byte reference {t['bits_per_byte_reference']:.4f}   onnx {t['bits_per_byte_onnx']:.4f}",
-        f"greedy {t['greedy_match_steps']}/{t['greedy_steps']} steps identical",
-    ]
+    lines = []
+    if t := result.get("text"):
+        lines += [
+            f"max |Δlogit| {t['max_abs_logit_diff']:.3g}   KL {t['kl_mean']:.3g} nats   "
+            f"top-1 {t['top1_agreement']:.4f}",
+            f"bits/byte reference {t['bits_per_byte_reference']:.4f}   onnx {t['bits_per_byte_onnx']:.4f}",
+            f"greedy {t['greedy_match_steps']}/{t['greedy_steps']} steps identical",
+        ]
     if worst:
         lines.append(f"blocks: {len(result['blocks'])}, lowest cosine {worst['cosine']:.8f} ({worst['name']})")
     for check in result["checks"]:

@@ -37,7 +37,8 @@ class DataFile:
         data = np.ascontiguousarray(array)
         return self._place(name, data.shape, data.dtype, [data])
 
-    def add_chunks(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterable[np.ndarray]) -> TensorProto:
+    def add_chunks(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                   chunks: Iterable[np.ndarray]) -> TensorProto:
         """A tensor written from consecutive chunks of its flattened values (one chunk in memory at a time)."""
         return self._place(name, shape, np.dtype(dtype), chunks)
 

@@ -32,14 +32,14 @@ def load_runs(directories: list[Path]) -> list[dict[str, Any]]:
 
 
 def _row(run: dict[str, Any]) -> dict[str, Any]:
-    text, size = run["text"], run.get("size") or {}
+    text, size = run.get("text"), run.get("size") or {}
     worst = min(run["blocks"], key=lambda b: b["cosine"]) if run["blocks"] else None
     return {
         "run": run["label"],
-        "KL (nats)": f"{text['kl_mean']:.3g}",
-        "top-1": f"{text['top1_agreement']:.4f}",
-        "bits/byte": f"{text['bits_per_byte_onnx']:.4f} (float {text['bits_per_byte_reference']:.4f})",
-        "greedy": f"{text['greedy_match_steps']}/{text['greedy_steps']}",
+        "KL (nats)": f"{text['kl_mean']:.3g}" if text else "- (blocks only)",
+        "top-1": f"{text['top1_agreement']:.4f}" if text else "-",
+        "bits/byte": f"{text['bits_per_byte_onnx']:.4f} (float {text['bits_per_byte_reference']:.4f})" if text else "-",
+        "greedy": f"{text['greedy_match_steps']}/{text['greedy_steps']}" if text else "-",
         "bits/linear weight": f"{size.get('avg_bits_per_linear_weight', 32.0):.2f}",
         "total MB": f"{size.get('total_bytes', 0) / 1e6:.2f}",
         "PLE MB": f"{size.get('ple_bytes', 0) / 1e6:.2f}",
@@ -117,11 +117,10 @@ def html_report(runs: list[dict[str, Any]]) -> str:
                      for r in rows) + "</table>"
     depth = _line_chart("Per-layer cosine along depth (1 = identical to transformers)",
                         [(r["label"], [b["cosine"] for b in r["blocks"]]) for r in runs], "decoder layer")
-    kl = _bar_chart("KL(reference || onnx), mean over positions", [(r["label"], r["text"]["kl_mean"]) for r in runs],
-                    "nats")
-    top1 = _bar_chart("Top-1 agreement", [(r["label"], r["text"]["top1_agreement"]) for r in runs], "")
-    bpb = _bar_chart("Bits per byte of the evaluated text",
-                     [(r["label"], r["text"]["bits_per_byte_onnx"]) for r in runs], "bits/B")
+    texts = [(r["label"], r["text"]) for r in runs if r.get("text")]  # block-only runs have no text section
+    kl = _bar_chart("KL(reference || onnx), mean over positions", [(n, t["kl_mean"]) for n, t in texts], "nats")
+    top1 = _bar_chart("Top-1 agreement", [(n, t["top1_agreement"]) for n, t in texts], "")
+    bpb = _bar_chart("Bits per byte of the evaluated text", [(n, t["bits_per_byte_onnx"]) for n, t in texts], "bits/B")
     sizes = []
     for r in runs:
         size = r.get("size") or {}
