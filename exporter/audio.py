@@ -13,8 +13,16 @@ then ``output_proj`` (the only biased linear) and ``embed_audio``.
 T must be a multiple of 4 (the host pads with masked zero frames, which leaves valid outputs unchanged).
 transformers builds the attention mask with its mask utilities and a gather; the same mask is built
 here from aranges, which trace to a handful of ONNX ops.
+
+The block is traced in ``stages()``: the front (subsampling, position table), one conformer layer
+(traced once, called once per layer with that layer's weights) and the back (projections). Traced
+whole, torch.export's symbolic-shape reasoning over the chunked frame length grows with every layer
+(1 layer 20 s, 4 layers 84 s, 6 layers 336 s: the full-size tower's 12 never finished); per layer it
+stays flat. Each layer rebuilds the blocked mask from the frame mask, so only the frame count is
+symbolic at a stage boundary.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
@@ -72,12 +80,25 @@ class AudioEncoderBlock(nn.Module):
         tower: Any = self.audio_tower
         hidden, mask = tower.subsample_conv_projection(input_features, input_features_mask)
         position_embeddings = tower.rel_pos_enc(hidden)
-        blocked = self._blocked_mask(mask)
         for layer in tower.layers:
-            hidden = layer(hidden, attention_mask=blocked, position_embeddings=position_embeddings)
+            hidden = layer(hidden, attention_mask=self.blocked_mask(mask), position_embeddings=position_embeddings)
         return self.embed_audio(tower.output_proj(hidden)), mask
 
-    def _blocked_mask(self, valid: torch.Tensor) -> torch.Tensor:
+    def stages(self) -> list["Stage"]:
+        """The front, one stage per conformer layer, the back: graph values flow between them by name."""
+        tower: Any = self.audio_tower
+        frames = {0: "clips", 1: "audio_frames"}
+        front = Stage(_Front(self), "audio_encoder_front", "", list(self.activation_names),
+                      ["audio_hidden.0", "soft_token_mask", "audio_position_embeddings"],
+                      list(self.dynamic_axes))
+        layers = [Stage(_Layer(self, layer), "audio_encoder_layer", f"audio_tower.layers.{i}.",
+                        [f"audio_hidden.{i}", "soft_token_mask", "audio_position_embeddings"],
+                        [f"audio_hidden.{i + 1}"], [frames, frames, {}], shared_prefix="layer.")
+                  for i, layer in enumerate(tower.layers)]
+        back = Stage(_Back(self), "audio_encoder_back", "", [f"audio_hidden.{len(layers)}"], ["soft_tokens"], [frames])
+        return [front, *layers, back]
+
+    def blocked_mask(self, valid: torch.Tensor) -> torch.Tensor:
         """[N, 1, blocks, C, ctx], nonzero = masked: transformers' 4-D local mask cut into its blocked layout.
         Query q = b·C + i sees key k = b·C − past + j iff k is a valid frame and 0 ≤ q − k < past
         (or 0 < k − q < future)."""
@@ -94,3 +115,56 @@ class AudioEncoderBlock(nn.Module):
         key_valid = valid[:, key.clamp(0, length - 1)]  # [N, blocks, ctx]
         keep = keep[None] & key_valid[:, :, None, :]
         return torch.logical_not(keep).float().unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One traced piece of a block. Its weights are named like the block's: ``prefix`` + the name after
+    ``shared_prefix`` (layer stages share one trace whose weights are named ``layer.*``)."""
+
+    module: nn.Module
+    function: str
+    prefix: str
+    inputs: list[str]
+    outputs: list[str]
+    dynamic: list[dict[int, str]]
+    shared_prefix: str = ""
+
+    def block_name(self, weight: str) -> str:
+        return self.prefix + weight[len(self.shared_prefix):]
+
+
+class _Front(nn.Module):
+    def __init__(self, encoder: AudioEncoderBlock) -> None:
+        super().__init__()
+        tower: Any = encoder.audio_tower
+        self.audio_tower = nn.Module()
+        self.audio_tower.subsample_conv_projection = tower.subsample_conv_projection
+        self.audio_tower.rel_pos_enc = tower.rel_pos_enc
+
+    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tower: Any = self.audio_tower
+        hidden, mask = tower.subsample_conv_projection(input_features, input_features_mask)
+        return hidden, mask, tower.rel_pos_enc(hidden)
+
+
+class _Layer(nn.Module):
+    def __init__(self, encoder: AudioEncoderBlock, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.mask = encoder.blocked_mask
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layer(hidden, attention_mask=self.mask(mask), position_embeddings=position_embeddings)
+
+
+class _Back(nn.Module):
+    def __init__(self, encoder: AudioEncoderBlock) -> None:
+        super().__init__()
+        tower: Any = encoder.audio_tower
+        self.audio_tower = nn.Module()
+        self.audio_tower.output_proj = tower.output_proj
+        self.embed_audio = encoder.embed_audio
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.embed_audio(self.audio_tower.output_proj(hidden))

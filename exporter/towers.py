@@ -5,9 +5,9 @@
     audio_encoder.onnx  + audio_encoder.data    model.audio_tower.*, model.embed_audio.*
     ple_context.onnx                            the PLE projection and norm, shared with embed.data
 
-Each tower is traced whole, once, with its weights as inputs (``trace``), so its initializers keep
-their checkpoint names: quantization recipes match them by name like the decoder's. Towers with the
-same configuration (tiny-e2b and tiny-e4b, for instance) share one trace per process.
+Each tower is traced once, with its weights as inputs (``trace``); the audio tower in stages, one
+function per conformer layer (``audio.AudioEncoderBlock.stages``). Initializers keep their checkpoint
+names: quantization recipes match them by name like the decoder's. Towers with the same configuration (tiny-e2b and tiny-e4b, for instance) share one trace per process.
 """
 
 import json
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import onnx
 import torch
 
-from gemma4_onnx.exporter.audio import FRAME_MULTIPLE, MEL_BINS, AudioEncoderBlock
+from gemma4_onnx.exporter.audio import FRAME_MULTIPLE, MEL_BINS, AudioEncoderBlock, Stage
 from gemma4_onnx.exporter.hf_model import STATE_PREFIX
 from gemma4_onnx.exporter.ple_context import PleContextBlock
 from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
@@ -26,7 +26,7 @@ from gemma4_onnx.exporter.weights import WeightSource
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
 from gemma4_onnx.graphs.manifest import graph_signature
 
-_TRACES: dict[str, TracedBlock] = {}
+_TRACES: dict[str, dict[str, TracedBlock]] = {}
 
 
 class _Writer(Protocol):
@@ -64,19 +64,44 @@ def export_towers(weights: WeightSource, root: Path, writer: _Writer) -> dict[st
 
 def _export(block: Any, name: str, prefix: str, weights: WeightSource, root: Path, writer: _Writer,
             kind: list[Any], data_file: str | None = None) -> dict[str, Any]:
+    stages = block.stages() if hasattr(block, "stages") else [
+        Stage(block, name, "", list(block.activation_names), list(block.output_names), list(block.dynamic_axes))]
     key = json.dumps([name, *kind], sort_keys=True)
     if key not in _TRACES:
-        example = {w: torch.zeros(weights.shape(prefix + w)) if writer.structure_only
-                   else weights.tensor(prefix + w, torch.float32) for w in block_weights(block)}
-        _TRACES[key] = trace_block(block, name, block.example_activations(), block.activation_names,
-                                   block.output_names, block.dynamic_axes, example)
+        _TRACES[key] = _trace_stages(block, stages, prefix, weights, writer.structure_only)
     traced = _TRACES[key]
     location = data_file or f"{name}.data"
-    names = [prefix + w for w in traced.weights]
+    nodes, names = [], []
+    for index, stage in enumerate(stages):
+        function = traced[stage.function]
+        stage_names = [prefix + stage.block_name(w) for w in function.weights]
+        nodes.append(call(function.function, [*stage.inputs, *stage_names], stage.outputs, f"{name}_{index}"))
+        names += stage_names
     inits = [writer.tensor(weights, n, location) for n in names]
     model = build_model(name, [tensor_info(*i) for i in block.input_infos()],
-                        [tensor_info(*i) for i in block.output_infos()],
-                        [call(traced.function, [*block.activation_names, *names], list(block.output_names), name)],
-                        inits, [traced.function, *traced.functions])
+                        [tensor_info(*i) for i in block.output_infos()], nodes, inits,
+                        [f for t in traced.values() for f in (t.function, *t.functions)])
     onnx.save_model(model, root / f"{name}.onnx")
     return {"file": f"{name}.onnx", "weights_file": location, **graph_signature(model)}
+
+
+def _trace_stages(block: Any, stages: list[Stage], prefix: str, weights: WeightSource,
+                  structure_only: bool) -> dict[str, TracedBlock]:
+    """Each distinct stage function traced once, on example values that flow from the block's example
+    activations through the stages traced before it (a repeated stage's outputs stand in for its repeats)."""
+    values = dict(zip(block.activation_names, block.example_activations(), strict=True))
+    traced: dict[str, TracedBlock] = {}
+    produced: dict[str, list[torch.Tensor]] = {}
+    for stage in stages:
+        if stage.function not in traced:
+            example = {w: torch.zeros(weights.shape(prefix + stage.block_name(w))) if structure_only
+                       else weights.tensor(prefix + stage.block_name(w), torch.float32)
+                       for w in block_weights(stage.module)}
+            inputs = [values[n] for n in stage.inputs]
+            traced[stage.function] = trace_block(stage.module, stage.function, inputs, stage.inputs, stage.outputs,
+                                                 stage.dynamic, example)
+            with torch.no_grad():
+                out = torch.func.functional_call(stage.module, example, tuple(inputs))
+            produced[stage.function] = list(out) if isinstance(out, tuple) else [out]
+        values.update(zip(stage.outputs, produced[stage.function], strict=True))
+    return traced

@@ -97,7 +97,8 @@ def trace_block(block: torch.nn.Module, name: str, activations: Sequence[torch.T
         raise RuntimeError(f"{name}: traced signature {graph_inputs} → {graph_outputs} does not match the block")
     rename = dict(zip(graph_inputs, [*activation_names, *weights], strict=True))
     rename.update(zip(graph_outputs, output_names, strict=True))
-    nodes = [helper.make_node("Constant", [], [init.name], value=init) for init in model.graph.initializer]
+    nodes = [helper.make_node("Constant", [], [rename.get(init.name, init.name)], value=init)
+             for init in model.graph.initializer]  # a constant may be an output (the audio position table)
     for node in model.graph.node:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
