@@ -7,7 +7,8 @@
 
 Each tower is traced once, with its weights as inputs (``trace``); the audio tower in stages, one
 function per conformer layer (``audio.AudioEncoderBlock.stages``). Initializers keep their checkpoint
-names: quantization recipes match them by name like the decoder's. Towers with the same configuration (tiny-e2b and tiny-e4b, for instance) share one trace per process.
+names: quantization recipes match them by name like the decoder's. Towers with the same configuration
+(tiny-e2b and tiny-e4b, for instance) share one trace per process.
 """
 
 import json
