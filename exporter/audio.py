@@ -22,6 +22,7 @@ stays flat. Each layer rebuilds the blocked mask from the frame mask, so only th
 symbolic at a stage boundary.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +150,8 @@ class _Front(nn.Module):
 
 
 class _Layer(nn.Module):
+    mask: Callable[[torch.Tensor], torch.Tensor]
+
     def __init__(self, encoder: AudioEncoderBlock, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
