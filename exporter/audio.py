@@ -22,7 +22,6 @@ stays flat. Each layer rebuilds the blocked mask from the frame mask, so only th
 symbolic at a stage boundary.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,15 +149,14 @@ class _Front(nn.Module):
 
 
 class _Layer(nn.Module):
-    mask: Callable[[torch.Tensor], torch.Tensor]
-
     def __init__(self, encoder: AudioEncoderBlock, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
-        self.mask = encoder.blocked_mask
+        self.encoder = [encoder]  # a list: not a submodule, its weights are not this stage's
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.layer(hidden, attention_mask=self.mask(mask), position_embeddings=position_embeddings)
+        blocked = self.encoder[0].blocked_mask(mask)
+        return self.layer(hidden, attention_mask=blocked, position_embeddings=position_embeddings)
 
 
 class _Back(nn.Module):
@@ -170,4 +168,5 @@ class _Back(nn.Module):
         self.embed_audio = encoder.embed_audio
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.embed_audio(self.audio_tower.output_proj(hidden))
+        tower: Any = self.audio_tower
+        return self.embed_audio(tower.output_proj(hidden))
