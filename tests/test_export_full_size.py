@@ -32,6 +32,8 @@ def test_full_size_variant_exports_structurally(variant: str, tmp_path: Path) ->
     assert manifest["weights"] == "none: structure only"
     assert [c["layer"] for c in manifest["cache"]] == [s.index for s in geometry.cache_layers]
     assert len(manifest["graphs"]["blocks"]) == geometry.num_layers
+    assert "vision_encoder" in manifest["graphs"]
+    assert ("audio_encoder" in manifest["graphs"]) == bool(variant_config(variant).get("audio_config"))
     for graph in package.rglob("*.onnx"):
         check_structure(onnx.load(graph, load_external_data=False))
     decoder = onnx.load(package / "decoder.onnx", load_external_data=False)
