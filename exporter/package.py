@@ -15,6 +15,7 @@ Each distinct layer kind is traced once (see ``trace``); every other layer reuse
 """
 
 import functools
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from gemma4_onnx.exporter.decoder_layer import DecoderLayerBlock, layer_kind
 from gemma4_onnx.exporter.embed import EmbedBlock
 from gemma4_onnx.exporter.geometry import LayerSpec, TextGeometry
 from gemma4_onnx.exporter.head import HeadBlock
-from gemma4_onnx.exporter.hf_model import STATE_PREFIX
+from gemma4_onnx.exporter.hf_model import STATE_PREFIX, expected_tensors
 from gemma4_onnx.exporter.towers import export_towers
 from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
 from gemma4_onnx.exporter.weights import CheckpointWeights, WeightSource, open_source
@@ -94,7 +95,8 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
     if target not in TARGETS:
         raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     weights = open_source(source)
-    with publish_dir(Path(out_dir), force=force) as staging:
+    with publish_dir(Path(out_dir), force=force, needed_bytes=None if structure_only else fp32_bytes(weights)) \
+            as staging:
         writer = _Writer(staging, structure_only, target)
         try:
             graphs = _export_graphs(weights, staging, writer)
@@ -117,6 +119,12 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
             "ple": {"file": "ple.data", "tensor": PLE_TABLE} if weights.geometry.ple_dim else None,
         })
     return Path(out_dir)
+
+
+def fp32_bytes(weights: WeightSource) -> int:
+    """About what a float export writes: every tensor of the model in fp32 (checked against the free space
+    before anything is written)."""
+    return sum(math.prod(shape) * 4 for shape, _ in expected_tensors(weights.config).values())
 
 
 def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[str, Any]:

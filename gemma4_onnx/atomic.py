@@ -124,6 +124,8 @@ def _size(n: int) -> str:
 
 
 def check_free_space(directory: Path, needed: int) -> None:
+    while not directory.exists():  # the output's parent may not exist yet: its filesystem is the nearest one
+        directory = directory.parent
     free = free_bytes(directory)
     if needed > free:
         raise DiskFullError(f"not enough space in {directory}: the output needs about {_size(needed)}, "

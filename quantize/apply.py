@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from gemma4_onnx import __version__
-from gemma4_onnx.atomic import publish_dir
+from gemma4_onnx.atomic import check_free_space, check_target, publish_dir
 from gemma4_onnx.builtin_text import calibration_text
 from gemma4_onnx.errors import NotBuiltYet, UsageError
 from gemma4_onnx.exporter.geometry import text_geometry
@@ -34,7 +34,7 @@ from gemma4_onnx.graphs.external_data import PackageWriter, external_entries
 from gemma4_onnx.graphs.manifest import MANIFEST, graph_signature, read_manifest, write_manifest
 from gemma4_onnx.graphs.topk_moe import NBITS
 from gemma4_onnx.progress import progress
-from gemma4_onnx.quantize.blockwise import average_bits, blockwise
+from gemma4_onnx.quantize.blockwise import average_bits, bits_per_weight, blockwise
 from gemma4_onnx.quantize.budget import spend, upgradable
 from gemma4_onnx.quantize.calibration import input_hessians
 from gemma4_onnx.quantize.experts import (
@@ -282,6 +282,14 @@ class Quantizer:
             block_size=decision.block_size, bits=decision.bits))
 
 
+def quantized_bytes(manifest: dict[str, Any], plan: list[Entry]) -> int:
+    """About what the quantized package takes: the float package with every planned tensor at its stored
+    bits (scales and zero points counted)."""
+    source = sum(int(entry["bytes"]) for entry in manifest["files"].values())
+    change = sum(e.candidate.size * (bits_per_weight(e.decision) / 8 - 4) for e in plan)
+    return int(source + change)
+
+
 def blockwise_rows(weight: np.ndarray, decision: Decision,
                    hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``blockwise`` a chunk of rows at a time (rows are independent, GPTQ's too): the PLE table of E2B is
@@ -337,6 +345,8 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
     plan = resolve(recipe, _initializer_shapes(source, files), geometry)
     if calibration is not None and not calibration.is_file():
         raise UsageError(f"--calibration {calibration} does not exist")
+    check_target(Path(out_dir).absolute(), force)  # before calibration, which takes minutes at full size
+    check_free_space(Path(out_dir).absolute().parent, quantized_bytes(manifest, plan))
     text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
     sensitivity: dict[str, float] = {}
     if recipe.budget_bits is not None:

@@ -328,3 +328,26 @@ def test_quantize_twice_gives_byte_identical_files(server, fp32, tmp_path) -> No
     for name in ("a", "b", "b"):
         assert server.run(argv(tmp_path / name), tmp_path / f"{name}.log") == 0
     assert manifest_of(tmp_path / "a")["files"] == manifest_of(tmp_path / "b")["files"]
+
+
+def test_export_and_quantize_check_the_space_they_need_first(fp32, tmp_path, monkeypatch) -> None:
+    from gemma4_onnx.exporter.package import export_package
+    from gemma4_onnx.quantize.apply import quantize_package
+
+    free = {}
+
+    def tight(directory: Path) -> int:
+        return free["bytes"]
+
+    monkeypatch.setattr(atomic, "free_bytes", tight)
+    free["bytes"] = 1000
+    with pytest.raises(DiskFullError, match="not enough space"):
+        export_package("tiny-e2b", tmp_path / "export")
+    with pytest.raises(DiskFullError, match="not enough space"):
+        quantize_package(fp32, tmp_path / "deeper" / "int4", "int4")
+    assert [p.name for p in tmp_path.iterdir()] == []
+    package_bytes = sum(p.stat().st_size for p in fp32.rglob("*") if p.is_file())
+    free["bytes"] = package_bytes  # a quantized package is smaller than its float source: it fits
+    quantize_package(fp32, tmp_path / "int8", "int8")
+    written = sum(p.stat().st_size for p in (tmp_path / "int8").rglob("*") if p.is_file())
+    assert written < package_bytes
