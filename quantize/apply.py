@@ -15,6 +15,7 @@ ops read the same [V, H/block, block] layout.
 
 import functools
 import json
+import mmap
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +56,7 @@ from gemma4_onnx.runtime.text_model import check_files_present
 # MatMulNBits computes in fp32 (level 1): levels 2-4 also round the activations, which costs accuracy.
 ACCURACY_LEVEL = 1
 PLAN_KEY = "gemma4_onnx.quantization_plan"
-ROW_CHUNK = 16384
+ROW_CHUNK = 4096
 
 
 def quantized_names(name: str, decision: Decision) -> list[str]:
@@ -293,13 +294,24 @@ def quantized_bytes(manifest: dict[str, Any], plan: list[Entry]) -> int:
 def blockwise_rows(weight: np.ndarray, decision: Decision,
                    hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``blockwise`` a chunk of rows at a time (rows are independent, GPTQ's too): the PLE table of E2B is
-    9.4 GB in fp32, and only one chunk of it is ever in memory as float."""
-    parts = [blockwise(np.asarray(weight[start:start + ROW_CHUNK], dtype=np.float32), decision, hessian)
-             for start in range(0, weight.shape[0], ROW_CHUNK)]
-    if len(parts) == 1:
-        return parts[0]
-    packed, scales, zero_points = (np.concatenate(p) for p in zip(*parts, strict=True))
-    return packed, scales, zero_points
+    9.4 GB in fp32, and only one chunk of it is ever in memory as float. Results are filled into
+    preallocated arrays, and the source's memory-mapped pages are let go after each chunk (pages of a
+    map that were read stay resident, and count, until the process drops them)."""
+    outputs: list[np.ndarray] = []
+    for start in range(0, weight.shape[0], ROW_CHUNK):
+        parts = blockwise(np.asarray(weight[start:start + ROW_CHUNK], dtype=np.float32), decision, hessian)
+        if not outputs:
+            outputs = [np.empty((weight.shape[0], *part.shape[1:]), part.dtype) for part in parts]
+        for output, part in zip(outputs, parts, strict=True):
+            output[start:start + len(part)] = part
+        _release(weight)
+    return outputs[0], outputs[1], outputs[2]
+
+
+def _release(array: np.ndarray) -> None:
+    mapped = getattr(array, "_mmap", None)
+    if isinstance(mapped, mmap.mmap):
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def ple_decision(decision: Decision, ple_dim: int) -> Decision:
@@ -345,8 +357,9 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
     plan = resolve(recipe, _initializer_shapes(source, files), geometry)
     if calibration is not None and not calibration.is_file():
         raise UsageError(f"--calibration {calibration} does not exist")
+    needed = quantized_bytes(manifest, plan)
     check_target(Path(out_dir).absolute(), force)  # before calibration, which takes minutes at full size
-    check_free_space(Path(out_dir).absolute().parent, quantized_bytes(manifest, plan))
+    check_free_space(Path(out_dir).absolute().parent, needed)
     text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
     sensitivity: dict[str, float] = {}
     if recipe.budget_bits is not None:
@@ -358,7 +371,7 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
     calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
     hessians = remembered("hessians", source, text, frozenset(calibrated),
                           lambda: input_hessians(source, calibrated, text)) if calibrated else {}
-    with publish_dir(Path(out_dir), force=force) as staging:
+    with publish_dir(Path(out_dir), force=force, needed_bytes=needed) as staging:
         quantizer = Quantizer(source, staging, plan, geometry.ple_dim, hessians)
         graphs = json.loads(json.dumps(manifest["graphs"]))
         signatures: dict[str, Any] = {}

@@ -204,7 +204,7 @@ def assert_disk_full(rc: int, log: Path, target: Path) -> None:
     assert rc == 2, err
     lines = [line for line in err.splitlines() if line]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert "error: out of space writing" in err and "the output needs more than" in err and "bytes" in err, err
+    assert "error: out of space writing" in err and "the output needs about" in err and "bytes" in err, err
     assert not target.exists() and not list(target.parent.glob(f".{target.name}.*")), "nothing left behind"
 
 
@@ -225,11 +225,12 @@ def test_disk_full_during_export_fails_cleanly(server, exported, tmp_path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("limit", [40_000, 120_000, 400_000])
-def test_disk_full_during_export_at_several_sizes(limit, server, exported, tmp_path) -> None:
-    checkpoint, _ = exported("tiny-26b-a4b")
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_disk_full_during_export_at_several_sizes(fraction, server, exported, tmp_path) -> None:
+    checkpoint, package = exported("tiny-26b-a4b")
+    largest = max(p.stat().st_size for p in package.rglob("*") if p.is_file())  # RLIMIT_FSIZE is per file
     target = tmp_path / "out"
-    rc = server.run(["export", str(checkpoint), str(target)], tmp_path / "log", fsize=limit)
+    rc = server.run(["export", str(checkpoint), str(target)], tmp_path / "log", fsize=int(largest * fraction))
     assert_disk_full(rc, tmp_path / "log", target)
 
 
