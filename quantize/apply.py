@@ -53,8 +53,11 @@ from gemma4_onnx.quantize.sensitivity import sensitivities
 from gemma4_onnx.runtime.package_files import graph_entries
 from gemma4_onnx.runtime.text_model import check_files_present
 
-# MatMulNBits computes in fp32 (level 1): levels 2-4 also round the activations, which costs accuracy.
+# MatMulNBits computes in fp32 at level 1; level 4 rounds the activations to int8 (recipe key
+# ``activations = "int8"``): 8-bit weights at level 1 are dequantized on every call by onnxruntime's CPU
+# kernel (1024×1024, one token: 2.66 ms, against 0.06 ms at level 4 and 0.14 ms for 4-bit at level 1).
 ACCURACY_LEVEL = 1
+INT8_ACTIVATIONS_LEVEL = 4
 PLAN_KEY = "gemma4_onnx.quantization_plan"
 ROW_CHUNK = 4096
 
@@ -188,7 +191,8 @@ class Quantizer:
             inputs = [matmul.input[0], packed, self._scales32(scales)] + ([] if decision.symmetric else [zero_points])
             graph.replace(matmul, helper.make_node(
                 "MatMulNBits", inputs, list(matmul.output), name=matmul.name + "_nbits", domain=ORT_CONTRIB_DOMAIN,
-                K=int(k), N=int(n), bits=decision.bits, block_size=decision.block_size, accuracy_level=ACCURACY_LEVEL))
+                K=int(k), N=int(n), bits=decision.bits, block_size=decision.block_size,
+                accuracy_level=INT8_ACTIVATIONS_LEVEL if decision.activations == "int8" else ACCURACY_LEVEL))
         graph.remove(transpose)
 
     def _gather_slices(self, graph: _Graph, gather: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
@@ -256,6 +260,9 @@ class Quantizer:
         for name in (gate_up, down):
             if name not in self.plan or not self.plan[name].decision.quantized:
                 raise UsageError(f"{gate_up} and {down} must be quantized together or not at all")
+            if self.plan[name].decision.activations != "float":
+                raise UsageError(f"{name}: activations = \"int8\" applies to linear weights and the LM head, not to "
+                                 f"MoE experts (rule {self.plan[name].rule!r})")
         gate_up_names, gate_up_decision = self._quantized(gate_up)
         down_names, down_decision = self._quantized(down)
         shape = tuple(int(d) for d in self.sources[gate_up][0].dims)

@@ -72,6 +72,7 @@ block_size = 64
     ("[default]\nbits = 3", "bits must be 4, 8"),
     ("[default]\nblock_size = 48", "block_size must be one of"),
     ("[default]\nalgorithm = 'gptq9'", "algorithm must be one of"),
+    ("[default]\nactivations = 'int4'", "activations must be"),
     ("[[rules]]\nname = 'r'\nmatch = '('", "rule 'r': bad regular expression"),
     ("[[rules]]\nname = 'r'\nmatch = 'x'\nwhatever = 1", "rule 'r': unknown key"),
     ("[[rules]]\nname = 'r'\nmatch = 'x'\nskip = true\nbits = 8", "cannot be combined"),
@@ -235,3 +236,21 @@ def test_encoder_towers_are_quantized_to_int8_and_keep_their_soft_tokens(recipe:
     for name, ours, reference in [("vision", quantized.image_soft_tokens(patches), fp32.image_soft_tokens(patches)),
                                   ("audio", quantized.audio_soft_tokens(clip), fp32.audio_soft_tokens(clip))]:
         assert block_parity(name, reference, ours)["cosine"] >= tolerances.SOFT_TOKEN_INT8_MIN_COSINE, name
+
+
+def test_int8_activations_select_the_integer_kernel_only_where_the_recipe_says(packages, exported, tmp_path) -> None:
+    _, package = packages("tiny-e2b", "int4")
+    levels: dict[str, int] = {}
+    for node in onnx.load(package / "decoder.onnx", load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            levels[node.input[1]] = attributes["accuracy_level"]
+    int8_rules = [name for name in levels if ".k_proj." in name or "embed_tokens.weight" in name]
+    assert int8_rules and all(levels[name] == 4 for name in int8_rules)
+    assert {levels[name] for name in levels if ".q_proj." in name} == {1}
+    recipe = tmp_path / "experts.toml"
+    recipe.write_text('[default]\nbits = 4\nactivations = "int8"\n[[rules]]\nmatch = "router"\nbits = "float"\n')
+    _, fp32 = exported("tiny-26b-a4b")
+    with pytest.raises(UsageError, match="not to MoE experts"):
+        quantize_package(fp32, tmp_path / "out", str(recipe))
+    assert not (tmp_path / "out").exists()
