@@ -76,16 +76,9 @@ class AudioEncoderBlock(nn.Module):
         mask[1, frames // 2 + 3:] = False
         return [torch.randn(2, frames, MEL_BINS), mask]
 
-    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tower: Any = self.audio_tower
-        hidden, mask = tower.subsample_conv_projection(input_features, input_features_mask)
-        position_embeddings = tower.rel_pos_enc(hidden)
-        for layer in tower.layers:
-            hidden = layer(hidden, attention_mask=self.blocked_mask(mask), position_embeddings=position_embeddings)
-        return self.embed_audio(tower.output_proj(hidden)), mask
-
     def stages(self) -> list["Stage"]:
-        """The front, one stage per conformer layer, the back: graph values flow between them by name."""
+        """The front, one stage per conformer layer, the back: graph values flow between them by name.
+        The block is only ever run through these (it has no ``forward`` of its own)."""
         tower: Any = self.audio_tower
         frames = {0: "clips", 1: "audio_frames"}
         front = Stage(_Front(self), "audio_encoder_front", "", list(self.activation_names),
@@ -134,13 +127,20 @@ class Stage:
         return self.prefix + weight[len(self.shared_prefix):]
 
 
+def _holder(**children: nn.Module) -> nn.Module:
+    """A module holding ``children`` under their names, so a stage's weights keep the block's names."""
+    holder = nn.Module()
+    for name, child in children.items():
+        holder.add_module(name, child)
+    return holder
+
+
 class _Front(nn.Module):
     def __init__(self, encoder: AudioEncoderBlock) -> None:
         super().__init__()
         tower: Any = encoder.audio_tower
-        self.audio_tower = nn.Module()
-        self.audio_tower.subsample_conv_projection = tower.subsample_conv_projection
-        self.audio_tower.rel_pos_enc = tower.rel_pos_enc
+        self.audio_tower = _holder(subsample_conv_projection=tower.subsample_conv_projection,
+                                   rel_pos_enc=tower.rel_pos_enc)
 
     def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tower: Any = self.audio_tower
@@ -163,8 +163,7 @@ class _Back(nn.Module):
     def __init__(self, encoder: AudioEncoderBlock) -> None:
         super().__init__()
         tower: Any = encoder.audio_tower
-        self.audio_tower = nn.Module()
-        self.audio_tower.output_proj = tower.output_proj
+        self.audio_tower = _holder(output_proj=tower.output_proj)
         self.embed_audio = encoder.embed_audio
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

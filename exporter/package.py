@@ -35,7 +35,7 @@ from gemma4_onnx.exporter.head import HeadBlock
 from gemma4_onnx.exporter.hf_model import STATE_PREFIX, expected_tensors
 from gemma4_onnx.exporter.towers import export_towers
 from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
-from gemma4_onnx.exporter.weights import CheckpointWeights, WeightSource, open_source
+from gemma4_onnx.exporter.weights import CheckpointWeights, WeightSource, example_weights, open_source
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
 from gemma4_onnx.graphs.external_data import PackageWriter
 from gemma4_onnx.graphs.lower_ort import lower_to_ort
@@ -155,11 +155,9 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
         prefix = f"{STATE_PREFIX}layers.{spec.index}."
         kind = layer_kind(spec)
         if kind not in kinds:
-            example_weights = {w: torch.zeros(weights.shape(prefix + w)) if writer.structure_only
-                               else weights.tensor(prefix + w, torch.float32) for w in block_weights(block)}
+            example = example_weights(weights, {w: prefix + w for w in block_weights(block)}, writer.structure_only)
             kinds[kind] = trace_block(block, f"decoder_layer_{len(kinds)}", block.example_activations(),
-                                      block.activation_names, block.output_names, block.dynamic_axes,
-                                      example_weights)
+                                      block.activation_names, block.output_names, block.dynamic_axes, example)
         traced = kinds[kind]
         location = block_file(spec.index) + ".data"
         names = [prefix + w for w in traced.weights]

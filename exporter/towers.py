@@ -23,7 +23,7 @@ from gemma4_onnx.exporter.hf_model import STATE_PREFIX
 from gemma4_onnx.exporter.ple_context import PleContextBlock
 from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
 from gemma4_onnx.exporter.vision import SOFT_TOKEN_BUDGETS, WEIGHT_PREFIX, VisionEncoderBlock
-from gemma4_onnx.exporter.weights import WeightSource
+from gemma4_onnx.exporter.weights import WeightSource, example_weights
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
 from gemma4_onnx.graphs.manifest import graph_signature
 
@@ -95,9 +95,8 @@ def _trace_stages(block: Any, stages: list[Stage], prefix: str, weights: WeightS
     produced: dict[str, list[torch.Tensor]] = {}
     for stage in stages:
         if stage.function not in traced:
-            example = {w: torch.zeros(weights.shape(prefix + stage.block_name(w))) if structure_only
-                       else weights.tensor(prefix + stage.block_name(w), torch.float32)
-                       for w in block_weights(stage.module)}
+            example = example_weights(weights, {w: prefix + stage.block_name(w) for w in block_weights(stage.module)},
+                                      structure_only)
             inputs = [values[n] for n in stage.inputs]
             traced[stage.function] = trace_block(stage.module, stage.function, inputs, stage.inputs, stage.outputs,
                                                  stage.dynamic, example)

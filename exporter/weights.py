@@ -82,6 +82,13 @@ class CheckpointWeights:
         return {"kind": "checkpoint", "path": str(self.checkpoint.directory.resolve())}
 
 
+def example_weights(weights: WeightSource, names: dict[str, str], structure_only: bool) -> dict[str, torch.Tensor]:
+    """What a block is traced with: its weights by local name (``names``: local → source name), real in
+    float32, or zeros of the right shape for a structure-only export."""
+    return {local: torch.zeros(weights.shape(name)) if structure_only else weights.tensor(name, torch.float32)
+            for local, name in names.items()}
+
+
 def open_source(source: str) -> WeightSource:
     """A checkpoint directory, or a variant name (random weights); anything else is refused."""
     path = Path(source)

@@ -9,10 +9,9 @@ window plus a few tokens long, so sliding layers run past their window.
 from pathlib import Path
 from typing import Any
 
-from gemma4_onnx import tolerances
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.graphs.manifest import read_manifest
-from gemma4_onnx.parity_run import package_size
+from gemma4_onnx.parity_run import block_check, package_size
 from gemma4_onnx.progress import progress
 from gemma4_onnx.runtime.blocks import run_block
 from gemma4_onnx.runtime.package_files import check_package, has_weights
@@ -39,7 +38,8 @@ def run_block_parity(model_dir: Path, source: str, layers: list[int] | None = No
         if unknown:
             raise UsageError(f"--layers {unknown} not in 0..{len(specs) - 1}")
         specs = [s for s in specs if s.index in layers]
-    sequence = sequence or weights.geometry.sliding_window + PAST_WINDOW
+    if sequence is None:
+        sequence = weights.geometry.sliding_window + PAST_WINDOW
     if sequence < 1:
         raise UsageError(f"--sequence must be ≥ 1, got {sequence}")
     reference = LayerReference(weights, sequence)
@@ -59,9 +59,6 @@ def run_block_parity(model_dir: Path, source: str, layers: list[int] | None = No
         "size": package_size(manifest),
         "quantization": manifest.get("quantization"),
     }
-    worst = min((float(b["cosine"]) for b in blocks), default=1.0)
-    result["checks"] = [{"check": f"blocks[*].cosine >= {tolerances.BLOCK_FP32_MIN_COSINE}",
-                         "passed": worst >= tolerances.BLOCK_FP32_MIN_COSINE}] \
-        if result["precision"] == "float32" else []
+    result["checks"] = [block_check(blocks)] if result["precision"] == "float32" else []
     result["passed"] = all(c["passed"] for c in result["checks"])
     return result
