@@ -49,7 +49,9 @@ def weight_bytes_per_token(package: Path) -> int:
     return sum(files[name]["bytes"] for name in decoder_files)
 
 
-class _Onnx:
+class OnnxRunner:
+    """Prefill and decode through a package's plain onnxruntime sessions."""
+
     def __init__(self, package: Path) -> None:
         from gemma4_onnx.runtime.text_model import TextModel
 
@@ -138,7 +140,7 @@ def section(quick: bool) -> Section:
             packages = {"fp32": fp32}
             for recipe in RECIPES:
                 packages[recipe] = quantize_package(fp32, root / f"{name}-{recipe}", recipe)
-            runners: dict[str, Any] = {"eager": _Eager(checkpoint), **{k: _Onnx(p) for k, p in packages.items()}}
+            runners: dict[str, Any] = {"eager": _Eager(checkpoint), **{k: OnnxRunner(p) for k, p in packages.items()}}
             tokens = list(np.random.default_rng(0).integers(10, 200, size=max(contexts)))
             results = _measure(runners, [int(t) for t in tokens], contexts, runs)
             for context in contexts:

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mobile_rss
-import numpy as np
-from bench_decode import read_bandwidth_gbs, weight_bytes_per_token
+from bench_decode import OnnxRunner, read_bandwidth_gbs, weight_bytes_per_token
 from measure import Section, time_ms
 
 RTN_RECIPE = """description = "int4 round-to-nearest (block 32, asymmetric); int8 embeddings, PLE, towers; router float"
@@ -62,12 +61,9 @@ def _sizes(package: Path) -> dict[str, int]:
 
 def _decode_ms(package: Path, context: int, steps: int = 8) -> dict[str, Any]:
     """Decode ms/token after a ``context``-token prompt, through the ONNX package (plain sessions)."""
-    from gemma4_onnx.runtime.text_model import TextModel
-
-    model = TextModel(package)
-    cache = model.empty_cache(1)
-    model.forward(np.arange(10, 10 + context)[None], cache)
-    return {"context": context, "samples": time_ms(lambda: model.forward(np.array([[11]]), cache), steps, warmup=2)}
+    runner = OnnxRunner(package)
+    cache = runner.prefill(list(range(10, 10 + context)))
+    return {"context": context, "samples": time_ms(lambda: runner.step(cache, 11), steps, warmup=2)}
 
 
 def section(quick: bool) -> Section:
