@@ -16,7 +16,9 @@ Each distinct layer kind is traced once (see ``trace``); every other layer reuse
 
 import functools
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import onnx_ir as ir
 import torch
 
 from gemma4_onnx import __version__
-from gemma4_onnx.atomic import publish_dir
+from gemma4_onnx.atomic import check_target, publish_dir
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.decoder_layer import DecoderLayerBlock, layer_kind
 from gemma4_onnx.exporter.embed import EmbedBlock
@@ -39,7 +41,7 @@ from gemma4_onnx.exporter.weights import CheckpointWeights, WeightSource, exampl
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
 from gemma4_onnx.graphs.external_data import PackageWriter
 from gemma4_onnx.graphs.lower_ort import lower_to_ort
-from gemma4_onnx.graphs.manifest import graph_signature, write_manifest
+from gemma4_onnx.graphs.manifest import graph_signature, read_manifest, write_manifest
 from gemma4_onnx.progress import progress
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -73,9 +75,12 @@ def cache_layout(geometry: TextGeometry) -> list[dict[str, Any]]:
 class _Writer(PackageWriter):
     """The package writer, reading each weight from the export's source when it is first written."""
 
-    def __init__(self, root: Path, structure_only: bool, target: str) -> None:
-        super().__init__(root, structure_only)
+    def __init__(self, root: Path, structure_only: bool, target: str, deferred: bool = False) -> None:
+        """``deferred``: no data is written, like ``structure_only``, but blocks are traced with their real
+        weights and every tensor's loader is kept for the quantizer (``export --recipe``)."""
+        super().__init__(root, structure_only or deferred)
         self.target = target
+        self.zero_examples = structure_only
         self.lowering: dict[str, Any] = {}
 
     def tensor(self, weights: WeightSource, name: str, location: str) -> onnx.TensorProto:
@@ -87,38 +92,79 @@ ROPE_TABLES = "blocks/rope.data"
 
 
 def export_package(source: str, out_dir: Path, force: bool = False, structure_only: bool = False,
-                   target: str = "portable") -> Path:
+                   target: str = "portable", recipe: str | None = None, budget_bits: float | None = None,
+                   calibration: Path | None = None) -> Path:
     """Export ``source``. ``target`` "portable" keeps the ai.gemma4 functions (any runtime); "ort" swaps in
     onnxruntime's fused kernels where they fit (``graphs.lower_ort``). With ``structure_only`` the graphs,
     signatures and cache layout are written but no weight data (full-size variants whose fp32 weights
-    would not fit the disk): such a package documents and checks the structure, it cannot run."""
+    would not fit the disk): such a package documents and checks the structure, it cannot run. With
+    ``recipe`` the package is quantized in the same pass (``export_quantized``)."""
     if target not in TARGETS:
         raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if recipe is not None:
+        if structure_only:
+            raise UsageError("--recipe quantizes weights: it cannot be combined with --structure-only")
+        return export_quantized(source, Path(out_dir), recipe, force, target, budget_bits, calibration)
+    if budget_bits is not None or calibration is not None:
+        raise UsageError("--budget-bits and --calibration need --recipe")
     weights = open_source(source)
     with publish_dir(Path(out_dir), force=force, needed_bytes=None if structure_only else fp32_bytes(weights)) \
             as staging:
-        writer = _Writer(staging, structure_only, target)
-        try:
-            graphs = _export_graphs(weights, staging, writer)
-            graphs.update(export_towers(weights, staging, writer))
-        finally:
-            writer.close()
-        _copy_side_files(weights, staging)
-        write_manifest(staging, {
-            "tool": {"name": "gemma4-onnx", "version": __version__},
-            "libraries": _library_versions(),
-            "source": weights.describe(),
-            "precision": "float32",
-            "target": target,
-            "lowering": writer.lowering or None,
-            "weights": "none: structure only" if structure_only else "complete",
-            "text_config": weights.config["text_config"],
-            "token_ids": {k: v for k, v in weights.config.items() if k.endswith(("_token_id", "_token_index"))},
-            "graphs": graphs,
-            "cache": cache_layout(weights.geometry),
-            "ple": {"file": "ple.data", "tensor": PLE_TABLE} if weights.geometry.ple_dim else None,
-        })
+        _write_package(weights, _Writer(staging, structure_only, target), structure_only)
     return Path(out_dir)
+
+
+def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = False, target: str = "portable",
+                     budget_bits: float | None = None, calibration: Path | None = None) -> Path:
+    """``export --recipe``: the graphs are traced into a scratch folder with no weight data, then quantized
+    block by block, each weight read from ``source`` when the quantizer needs it (``StreamedTensors``):
+    float weights are never written, and at most one layer's are in memory. The steps and values are
+    those of ``quantize`` on a float export, so the package is the same, byte for byte."""
+    from gemma4_onnx.quantize.apply import QuantizeJob
+    from gemma4_onnx.quantize.float_tensors import StreamedTensors
+    from gemma4_onnx.quantize.recipe import load_recipe
+
+    weights = open_source(source)
+    load_recipe(recipe, budget_bits)  # a bad recipe or input is refused before minutes of tracing
+    if calibration is not None and not calibration.is_file():
+        raise UsageError(f"--calibration {calibration} does not exist")
+    out = Path(out_dir).absolute()
+    check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-graphs-", dir=out.parent))
+    try:
+        writer = _Writer(scratch, False, target, deferred=True)
+        _write_package(weights, writer, False)
+        job = QuantizeJob(scratch, read_manifest(scratch), StreamedTensors(writer.loaders), recipe, budget_bits,
+                          calibration)
+        return job.publish(out, force, fp32_bytes(weights), {"source_package": None})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_package(weights: WeightSource, writer: "_Writer", structure_only: bool) -> None:
+    """Graphs, side files and manifest of ``weights``' model into ``writer.root``."""
+    root = writer.root
+    try:
+        graphs = _export_graphs(weights, root, writer)
+        graphs.update(export_towers(weights, root, writer))
+    finally:
+        writer.close()
+    _copy_side_files(weights, root)
+    write_manifest(root, {
+        "tool": {"name": "gemma4-onnx", "version": __version__},
+        "libraries": _library_versions(),
+        "source": weights.describe(),
+        "precision": "float32",
+        "target": writer.target,
+        "lowering": writer.lowering or None,
+        "weights": "none: structure only" if structure_only else "complete",
+        "text_config": weights.config["text_config"],
+        "token_ids": {k: v for k, v in weights.config.items() if k.endswith(("_token_id", "_token_index"))},
+        "graphs": graphs,
+        "cache": cache_layout(weights.geometry),
+        "ple": {"file": "ple.data", "tensor": PLE_TABLE} if weights.geometry.ple_dim else None,
+    })
 
 
 def fp32_bytes(weights: WeightSource) -> int:
@@ -155,7 +201,7 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
         prefix = f"{STATE_PREFIX}layers.{spec.index}."
         kind = layer_kind(spec)
         if kind not in kinds:
-            example = example_weights(weights, {w: prefix + w for w in block_weights(block)}, writer.structure_only)
+            example = example_weights(weights, {w: prefix + w for w in block_weights(block)}, writer.zero_examples)
             kinds[kind] = trace_block(block, f"decoder_layer_{len(kinds)}", block.example_activations(),
                                       block.activation_names, block.output_names, block.dynamic_axes, example)
         traced = kinds[kind]

@@ -31,7 +31,7 @@ _TRACES: dict[str, dict[str, TracedBlock]] = {}
 
 
 class _Writer(Protocol):
-    structure_only: bool
+    zero_examples: bool
 
     def tensor(self, weights: WeightSource, name: str, location: str) -> onnx.TensorProto: ...
 
@@ -69,7 +69,7 @@ def _export(block: Any, name: str, prefix: str, weights: WeightSource, root: Pat
         Stage(block, name, "", list(block.activation_names), list(block.output_names), list(block.dynamic_axes))]
     key = json.dumps([name, *kind], sort_keys=True)
     if key not in _TRACES:
-        _TRACES[key] = _trace_stages(block, stages, prefix, weights, writer.structure_only)
+        _TRACES[key] = _trace_stages(block, stages, prefix, weights, writer.zero_examples)
     traced = _TRACES[key]
     location = data_file or f"{name}.data"
     nodes, names = [], []
@@ -87,7 +87,7 @@ def _export(block: Any, name: str, prefix: str, weights: WeightSource, root: Pat
 
 
 def _trace_stages(block: Any, stages: list[Stage], prefix: str, weights: WeightSource,
-                  structure_only: bool) -> dict[str, TracedBlock]:
+                  zero_examples: bool) -> dict[str, TracedBlock]:
     """Each distinct stage function traced once, on example values that flow from the block's example
     activations through the stages traced before it (a repeated stage's outputs stand in for its repeats)."""
     values = dict(zip(block.activation_names, block.example_activations(), strict=True))
@@ -96,7 +96,7 @@ def _trace_stages(block: Any, stages: list[Stage], prefix: str, weights: WeightS
     for stage in stages:
         if stage.function not in traced:
             example = example_weights(weights, {w: prefix + stage.block_name(w) for w in block_weights(stage.module)},
-                                      structure_only)
+                                      zero_examples)
             inputs = [values[n] for n in stage.inputs]
             traced[stage.function] = trace_block(stage.module, stage.function, inputs, stage.inputs, stage.outputs,
                                                  stage.dynamic, example)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gemma4_onnx import __version__
-from gemma4_onnx.errors import Gemma4OnnxError, NotBuiltYet
+from gemma4_onnx.errors import Gemma4OnnxError
 from gemma4_onnx.progress import say, set_quiet
 
 Handler = Callable[[argparse.Namespace], int]
@@ -46,12 +46,11 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.recipe:
-        raise NotBuiltYet("export --recipe (streaming quantization)")
     from gemma4_onnx.exporter.package import export_package
 
     out = export_package(args.source, Path(args.out_dir), force=args.force, structure_only=args.structure_only,
-                         target=args.target)
+                         target=args.target, recipe=args.recipe, budget_bits=args.budget_bits,
+                         calibration=Path(args.calibration) if args.calibration else None)
     say(f"package: {out}")
     return 0
 
@@ -129,13 +128,6 @@ def cmd_mobile(args: argparse.Namespace) -> int:
     return 0
 
 
-def not_built(stage: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        raise NotBuiltYet(stage)
-
-    return handler
-
-
 def _layer_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -169,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("export", cmd_export, "export a checkpoint directory or a variant name to ONNX")
     p.add_argument("source")
     p.add_argument("out_dir")
-    p.add_argument("--recipe")
+    p.add_argument("--recipe", help="quantize in the same pass, block by block (as `quantize` would the float "
+                                     "export; float weights are never written): int8, int4, int4-mobile, auto or "
+                                     "FILE.toml")
+    p.add_argument("--budget-bits", type=float, help="with --recipe: as for quantize")
+    p.add_argument("--calibration", help="with --recipe: as for quantize")
     p.add_argument("--force", action="store_true")
     p.add_argument("--target", choices=["portable", "ort"], default="portable",
                    help="portable: ai.gemma4 functions (any runtime); ort: onnxruntime's fused kernels where they fit")

@@ -96,6 +96,8 @@ class PackageWriter:
         self.structure_only = structure_only
         self.files: dict[str, DataFile] = {}
         self.written: dict[str, TensorProto] = {}
+        # structure only: what would have been written, for a later reader (``export --recipe``)
+        self.loaders: dict[str, tuple[Callable[[], np.ndarray | Iterator[np.ndarray]], tuple[int, ...], np.dtype]] = {}
 
     def add(self, name: str, location: str, load: Callable[[], np.ndarray | Iterator[np.ndarray]],
             shape: tuple[int, ...] | None = None, dtype: np.dtype | type = np.float32) -> TensorProto:
@@ -105,8 +107,12 @@ class PackageWriter:
             if location not in self.files:
                 self.files[location] = DataFile(self.root, location, write=not self.structure_only)
             if self.structure_only:
-                assert shape is not None
+                if shape is None:
+                    loaded = load()
+                    assert isinstance(loaded, np.ndarray)
+                    shape, dtype = loaded.shape, loaded.dtype
                 self.written[name] = self.files[location].reserve(name, shape, np.dtype(dtype))
+                self.loaders[name] = (load, tuple(shape), np.dtype(dtype))
             else:
                 loaded = load()
                 if isinstance(loaded, np.ndarray):

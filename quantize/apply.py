@@ -15,8 +15,9 @@ ops read the same [V, H/block, block] layout.
 
 import functools
 import json
-import mmap
+import math
 import shutil
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from gemma4_onnx.graphs.topk_moe import NBITS
 from gemma4_onnx.progress import progress
 from gemma4_onnx.quantize.blockwise import average_bits, bits_per_weight, blockwise
 from gemma4_onnx.quantize.budget import spend, upgradable
-from gemma4_onnx.quantize.calibration import input_hessians
+from gemma4_onnx.quantize.calibration import HessianWalk
 from gemma4_onnx.quantize.experts import (
     DOWN,
     GATE_UP,
@@ -46,11 +47,12 @@ from gemma4_onnx.quantize.experts import (
     nbits_node,
     quantize_experts,
 )
-from gemma4_onnx.quantize.memo import remembered
+from gemma4_onnx.quantize.float_tensors import FloatTensors, PackageTensors
+from gemma4_onnx.quantize.memo import recall, remember_result, remembered
 from gemma4_onnx.quantize.plan import Entry, resolve
 from gemma4_onnx.quantize.recipe import Decision, load_recipe
 from gemma4_onnx.quantize.sensitivity import sensitivities
-from gemma4_onnx.runtime.package_files import graph_entries
+from gemma4_onnx.runtime.package_files import graph_entries, has_weights
 from gemma4_onnx.runtime.text_model import check_files_present
 
 # MatMulNBits computes in fp32 at level 1; level 4 rounds the activations to int8 (recipe key
@@ -59,7 +61,6 @@ from gemma4_onnx.runtime.text_model import check_files_present
 ACCURACY_LEVEL = 1
 INT8_ACTIVATIONS_LEVEL = 4
 PLAN_KEY = "gemma4_onnx.quantization_plan"
-ROW_CHUNK = 4096
 
 
 def quantized_names(name: str, decision: Decision) -> list[str]:
@@ -89,26 +90,14 @@ class _Graph:
 
 
 class Quantizer:
-    def __init__(self, source: Path, staging: Path, plan: list[Entry], ple_dim: int,
-                 hessians: dict[str, np.ndarray]) -> None:
-        self.source = source
-        self.hessians = hessians
+    def __init__(self, tensors: FloatTensors, staging: Path, plan: list[Entry], ple_dim: int) -> None:
+        self.tensors = tensors
+        self.hessians: dict[str, np.ndarray] = {}  # of the weights being quantized now (``calibration``)
         self.ple_dim = ple_dim
         self.plan = {e.candidate.name: e for e in plan}
         self.writer = PackageWriter(staging)
         self.sources: dict[str, tuple[onnx.TensorProto, str]] = {}  # name → (tensor, its graph dir)
         self.quantized_names: list[str] = []
-
-    def _array(self, name: str) -> np.ndarray:
-        """The source tensor, memory-mapped: quantization reads it a chunk of rows at a time."""
-        tensor, graph_dir = self.sources[name]
-        info = external_entries(tensor)
-        path = self.source / graph_dir / info["location"]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
-
-    def _loaded(self, name: str) -> np.ndarray:
-        return np.array(self._array(name))
 
     def _location(self, name: str) -> str:
         tensor, graph_dir = self.sources[name]
@@ -120,11 +109,13 @@ class Quantizer:
         decision = self.plan[name].decision
         names = quantized_names(name, decision)
         if names[0] not in self.writer.written:
-            weight = self._array(name)
-            if weight.ndim == 3:
-                packed, scales, zero_points = quantize_experts(weight, decision, self.hessians.get(name))
+            tensor, graph_dir = self.sources[name]
+            if len(tensor.dims) == 3:
+                packed, scales, zero_points = quantize_experts(self.tensors.array(tensor, graph_dir), decision,
+                                                               self.hessians.get(name))
             else:
-                packed, scales, zero_points = blockwise_rows(weight, decision, self.hessians.get(name))
+                packed, scales, zero_points = blockwise_rows(self.tensors.row_chunks(tensor, graph_dir),
+                                                             int(tensor.dims[0]), decision, self.hessians.get(name))
             self._write(names, (packed, scales.astype(np.float16), zero_points), self._location(name))
         return names, decision
 
@@ -163,7 +154,9 @@ class Quantizer:
                     else:
                         raise NotBuiltYet(f"quantizing {tensor.name} as used by {node.op_type}")
             elif tensor.data_location == onnx.TensorProto.EXTERNAL:
-                self.writer.add(tensor.name, self._location(tensor.name), functools.partial(self._loaded, tensor.name))
+                self.writer.add(tensor.name, self._location(tensor.name),
+                                functools.partial(self.tensors.row_chunks, tensor, graph_dir), tuple(tensor.dims),
+                                onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
                 kept.append(self.writer.relocated(tensor.name, graph_dir))
             else:
                 kept.append(tensor)
@@ -210,7 +203,8 @@ class Quantizer:
         block = decision.block_size
         names = quantized_names(tensor.name, decision)
         if names[0] not in self.writer.written:
-            packed, scales, zero_points = blockwise_rows(self._array(tensor.name), decision)
+            source, graph_dir = self.sources[tensor.name]
+            packed, scales, zero_points = blockwise_rows(self.tensors.row_chunks(source, graph_dir), rows, decision)
             if decision.bits == 4:  # one zero point per byte here: the graph gathers them unpacked
                 zero_points = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)
             zero_points = zero_points[:, : width // block]
@@ -290,35 +284,29 @@ class Quantizer:
             block_size=decision.block_size, bits=decision.bits))
 
 
-def quantized_bytes(manifest: dict[str, Any], plan: list[Entry]) -> int:
-    """About what the quantized package takes: the float package with every planned tensor at its stored
-    bits (scales and zero points counted)."""
-    source = sum(int(entry["bytes"]) for entry in manifest["files"].values())
+def quantized_bytes(float_bytes: int, plan: list[Entry]) -> int:
+    """About what the quantized package takes: the float package (``float_bytes``) with every planned tensor
+    at its stored bits (scales and zero points counted)."""
     change = sum(e.candidate.size * (bits_per_weight(e.decision) / 8 - 4) for e in plan)
-    return int(source + change)
+    return int(float_bytes + change)
 
 
-def blockwise_rows(weight: np.ndarray, decision: Decision,
+def blockwise_rows(chunks: Iterable[np.ndarray], rows: int, decision: Decision,
                    hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``blockwise`` a chunk of rows at a time (rows are independent, GPTQ's too): the PLE table of E2B is
-    9.4 GB in fp32, and only one chunk of it is ever in memory as float. Results are filled into
-    preallocated arrays, and the source's memory-mapped pages are let go after each chunk (pages of a
-    map that were read stay resident, and count, until the process drops them)."""
+    """``blockwise`` over a tensor given as consecutive chunks of rows (rows are independent, GPTQ's too):
+    the PLE table of E2B is 9.4 GB in fp32, and only one chunk of it is ever in memory as float. Results
+    are filled into preallocated arrays."""
     outputs: list[np.ndarray] = []
-    for start in range(0, weight.shape[0], ROW_CHUNK):
-        parts = blockwise(np.asarray(weight[start:start + ROW_CHUNK], dtype=np.float32), decision, hessian)
+    start = 0
+    for chunk in chunks:
+        parts = blockwise(np.asarray(chunk, dtype=np.float32), decision, hessian)
         if not outputs:
-            outputs = [np.empty((weight.shape[0], *part.shape[1:]), part.dtype) for part in parts]
+            outputs = [np.empty((rows, *part.shape[1:]), part.dtype) for part in parts]
         for output, part in zip(outputs, parts, strict=True):
             output[start:start + len(part)] = part
-        _release(weight)
+        start += len(chunk)
+    assert start == rows, f"{start} rows read of {rows}"
     return outputs[0], outputs[1], outputs[2]
-
-
-def _release(array: np.ndarray) -> None:
-    mapped = getattr(array, "_mmap", None)
-    if isinstance(mapped, mmap.mmap):
-        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def ple_decision(decision: Decision, ple_dim: int) -> Decision:
@@ -358,57 +346,119 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
     if manifest.get("quantization"):
         raise UsageError(f"{source} is already quantized ({manifest['quantization']['recipe']}); quantize the "
                          "float export instead")
-    recipe = load_recipe(recipe_spec, budget_bits)
-    geometry = text_geometry(manifest["text_config"])
-    files = _graph_files(manifest)
-    plan = resolve(recipe, _initializer_shapes(source, files), geometry)
-    if calibration is not None and not calibration.is_file():
-        raise UsageError(f"--calibration {calibration} does not exist")
-    needed = quantized_bytes(manifest, plan)
-    check_target(Path(out_dir).absolute(), force)  # before calibration, which takes minutes at full size
-    check_free_space(Path(out_dir).absolute().parent, needed)
-    text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
-    sensitivity: dict[str, float] = {}
-    if recipe.budget_bits is not None:
-        candidates = upgradable(plan)
-        detail = tuple((e.candidate.name, e.decision.block_size, e.decision.symmetric) for e in candidates)
-        sensitivity = remembered("sensitivity", source, text, detail, lambda: sensitivities(source, candidates, text))
-        plan = spend(plan, sensitivity, recipe.budget_bits, asked=budget_bits is not None)
-    plan_json = [e.as_dict() for e in plan]
-    calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
-    hessians = remembered("hessians", source, text, frozenset(calibrated),
-                          lambda: input_hessians(source, calibrated, text)) if calibrated else {}
-    with publish_dir(Path(out_dir), force=force, needed_bytes=needed) as staging:
-        quantizer = Quantizer(source, staging, plan, geometry.ple_dim, hessians)
-        graphs = json.loads(json.dumps(manifest["graphs"]))
-        signatures: dict[str, Any] = {}
-        try:
-            for file in progress(files, desc=f"quantizing ({recipe.name})", unit="graph"):
-                model = onnx.load(source / file, load_external_data=False)
-                model = quantizer.rewrite(model, str(Path(file).parent) if "/" in file else "")
-                entry = model.metadata_props.add()
-                entry.key, entry.value = PLAN_KEY, json.dumps({"recipe": recipe.name, "plan": plan_json})
-                (staging / file).parent.mkdir(parents=True, exist_ok=True)
-                onnx.save_model(model, staging / file)
-                signatures[file] = graph_signature(model)
-        finally:
-            quantizer.writer.close()
-        for entry_graph in graph_entries({"graphs": graphs}):
-            entry_graph.update(signatures[entry_graph["file"]])
-        for name in manifest["files"]:
-            if not (staging / name).exists() and not name.endswith((".onnx", ".data")):
-                (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source / name, staging / name)
-        content = {k: v for k, v in manifest.items() if k not in ("format", "files", MANIFEST)}
-        content.update({
-            "tool": {"name": "gemma4-onnx", "version": __version__},
-            "graphs": graphs,
-            "precision": f"quantized ({recipe.name})",
-            "quantization": {"recipe": recipe.name, "description": recipe.description,
-                             "calibration": (str(calibration) if calibration else "built-in") if calibrated else None,
-                             "source_package": str(source.resolve()), "plan": plan_json,
-                             "avg_bits_per_linear_weight": average_bits(plan),
-                             "budget_bits": recipe.budget_bits, "sensitivity": sensitivity or None},
-        })
-        write_manifest(staging, content)
-    return Path(out_dir)
+    if not has_weights(manifest):
+        raise UsageError(f"{source} is a structure-only package: it has no weights to quantize")
+    job = QuantizeJob(source, manifest, PackageTensors(source), recipe_spec, budget_bits, calibration)
+    float_bytes = sum(int(entry["bytes"]) for entry in manifest["files"].values())
+    return job.publish(Path(out_dir), force, float_bytes, {"source_package": str(source.resolve())}, remember=True)
+
+
+class QuantizeJob:
+    """A float model (graphs in ``root``, weights from ``tensors``) quantized by a recipe into a package:
+    ``quantize`` on an exported package, and ``export --recipe`` on an export in progress, whose float
+    weights are never written (the same steps on the same values: both give identical bytes)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], tensors: FloatTensors, recipe_spec: str,
+                 budget_bits: float | None, calibration: Path | None) -> None:
+        self.root, self.manifest, self.tensors = root, manifest, tensors
+        self.recipe = load_recipe(recipe_spec, budget_bits)
+        self.asked_budget = budget_bits is not None
+        self.geometry = text_geometry(manifest["text_config"])
+        self.files = _graph_files(manifest)
+        self.plan = resolve(self.recipe, _initializer_shapes(root, self.files), self.geometry)
+        if calibration is not None and not calibration.is_file():
+            raise UsageError(f"--calibration {calibration} does not exist")
+        self.calibration = calibration
+
+    def publish(self, out_dir: Path, force: bool, float_bytes: int, provenance: dict[str, Any],
+                remember: bool = False, content: dict[str, Any] | None = None) -> Path:
+        """Calibrate, quantize and publish ``out_dir``. ``remember``: calibration results are kept for another
+        recipe on the same package in this process (``memo``); ``content`` adds to the manifest."""
+        needed = quantized_bytes(float_bytes, self.plan)
+        check_target(Path(out_dir).absolute(), force)  # before calibration, which takes minutes at full size
+        check_free_space(Path(out_dir).absolute().parent, needed)
+        calibration = self.calibration
+        text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
+        plan, sensitivity = self.plan, {}
+        if self.recipe.budget_bits is not None:
+            candidates = upgradable(plan)
+            detail = tuple((e.candidate.name, e.decision.block_size, e.decision.symmetric) for e in candidates)
+            measure = functools.partial(sensitivities, self.root, self.manifest, self.tensors, candidates, text)
+            sensitivity = remembered("sensitivity", self.root, text, detail, measure) if remember else measure()
+            plan = spend(plan, sensitivity, self.recipe.budget_bits, asked=self.asked_budget)
+        plan_json = [e.as_dict() for e in plan]
+        calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
+        walk = self._hessians(calibrated, text, remember and _small(plan, calibrated)) if calibrated else None
+        recipe = self.recipe
+        with publish_dir(Path(out_dir), force=force, needed_bytes=needed) as staging:
+            quantizer = Quantizer(self.tensors, staging, plan, self.geometry.ple_dim)
+            graphs = json.loads(json.dumps(self.manifest["graphs"]))
+            signatures: dict[str, Any] = {}
+            try:
+                for file in progress(self._ordered(), desc=f"quantizing ({recipe.name})", unit="graph"):
+                    if walk is not None:
+                        quantizer.hessians = self._step(walk, file)
+                    model = onnx.load(self.root / file, load_external_data=False)
+                    model = quantizer.rewrite(model, str(Path(file).parent) if "/" in file else "")
+                    entry = model.metadata_props.add()
+                    entry.key, entry.value = PLAN_KEY, json.dumps({"recipe": recipe.name, "plan": plan_json})
+                    (staging / file).parent.mkdir(parents=True, exist_ok=True)
+                    onnx.save_model(model, staging / file)
+                    signatures[file] = graph_signature(model)
+            finally:
+                quantizer.writer.close()
+            if walk is not None and walk.keep:
+                remember_result("hessians", self.root, text, frozenset(calibrated), walk)
+            for entry_graph in graph_entries({"graphs": graphs}):
+                entry_graph.update(signatures[entry_graph["file"]])
+            for name in self.manifest["files"]:
+                if not (staging / name).exists() and not name.endswith((".onnx", ".data")):
+                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(self.root / name, staging / name)
+            out = {k: v for k, v in self.manifest.items() if k not in ("format", "files", MANIFEST)}
+            out.update(content or {})
+            out.update({
+                "tool": {"name": "gemma4-onnx", "version": __version__},
+                "graphs": graphs,
+                "precision": f"quantized ({recipe.name})",
+                "quantization": {"recipe": recipe.name, "description": recipe.description,
+                                 "calibration": (str(calibration) if calibration else "built-in") if calibrated
+                                 else None, **provenance, "plan": plan_json,
+                                 "avg_bits_per_linear_weight": average_bits(plan),
+                                 "budget_bits": recipe.budget_bits, "sensitivity": sensitivity or None},
+            })
+            write_manifest(staging, out)
+        return Path(out_dir)
+
+    def _hessians(self, calibrated: set[str], text: str, keep: bool) -> HessianWalk:
+        if keep:
+            kept = recall("hessians", self.root, text, frozenset(calibrated))
+            if kept is not None:
+                return kept
+        return HessianWalk(self.root, self.manifest, self.tensors, calibrated, text, keep)
+
+    def _ordered(self) -> list[str]:
+        """Blocks in layer order first (each calibrated just before it is quantized), then the decoder (the LM
+        head's statistics follow the last block), then the rest, which reuse what those wrote."""
+        blocks = [b["file"] for b in sorted(self.manifest["graphs"]["blocks"], key=lambda b: b["layer"])]
+        decoder = self.manifest["graphs"]["decoder"]["file"]
+        return [*blocks, decoder, *(f for f in self.files if f not in blocks and f != decoder)]
+
+    def _step(self, walk: HessianWalk, file: str) -> dict[str, np.ndarray]:
+        layer = next((b["layer"] for b in self.manifest["graphs"]["blocks"] if b["file"] == file), None)
+        if layer is not None:
+            return walk.layer(self.geometry.layers[layer])
+        return walk.head() if file == self.manifest["graphs"]["decoder"]["file"] else {}
+
+
+MEMO_HESSIAN_BYTES = 1 << 28
+
+
+def _small(plan: list[Entry], calibrated: set[str]) -> bool:
+    """Whether every [K, K] float64 statistic of the calibrated tensors fits ``MEMO_HESSIAN_BYTES``."""
+    total = 0
+    for entry in plan:
+        if entry.candidate.name in calibrated:
+            shape = entry.candidate.shape
+            total += math.prod(shape[:-2]) * shape[-1] ** 2 * 8
+    return total <= MEMO_HESSIAN_BYTES

@@ -1,10 +1,10 @@
 """Spending a bit budget where measurement says it pays (recipes with ``budget_bits``).
 
-Every int4 linear or expert tensor has a sensitivity: the mean KL at the model output when only it is
-quantized (``sensitivity``). Moving tensor t to int8 removes most of that error for n_t·Δbits extra
-bits, so tensors move in order of sensitivity per extra bit while the average stored bits per linear
-weight stays within the budget (the greedy answer to this knapsack; exact when the tensors are small
-next to the budget).
+Every int4 linear or expert tensor of a decoder block has a sensitivity: the relative error at its
+block's output when only it is quantized (``sensitivity``). Moving tensor t to int8 removes most of that
+error for n_t·Δbits extra bits, so tensors move in order of sensitivity per extra bit while the average
+stored bits per linear weight stays within the budget (the greedy answer to this knapsack; exact when the
+tensors are small next to the budget).
 """
 
 from dataclasses import replace
@@ -36,9 +36,10 @@ def spend(plan: list[Entry], sensitivity: dict[str, float], budget: float, asked
         upgraded = replace(entry.decision, bits=UPGRADE_BITS)
         return (bits_per_weight(upgraded) - bits_per_weight(entry.decision)) * weights[entry.candidate.name]
 
-    for entry in sorted(upgradable(plan), key=lambda e: -sensitivity[e.candidate.name] / extra(e)):
+    measured = [e for e in upgradable(plan) if e.candidate.name in sensitivity]  # tensors outside the blocks stay
+    for entry in sorted(measured, key=lambda e: -sensitivity[e.candidate.name] / extra(e)):
         if spent + extra(entry) <= budget * total_weights:
             spent += extra(entry)
-            rule = f"budget {budget:g} bits: int4 costs KL {sensitivity[entry.candidate.name]:.2e}"
+            rule = f"budget {budget:g} bits: int4 costs block error {sensitivity[entry.candidate.name]:.2e}"
             chosen[entry.candidate.name] = Entry(entry.candidate, replace(entry.decision, bits=UPGRADE_BITS), rule)
     return [chosen.get(e.candidate.name, e) for e in plan]

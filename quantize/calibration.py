@@ -1,28 +1,29 @@
-"""Calibration statistics for GPTQ: H = Σ xᵀx of the input x of every linear layer, collected by running
-the float package through onnxruntime on calibration text (the MatMul inputs are exposed as extra
-outputs of an in-memory copy of decoder.onnx; the package on disk is not touched).
+"""Calibration statistics for GPTQ: H = Σ xᵀx of the input x of every linear layer, collected by carrying
+calibration text through the float model one decoder block at a time (``BlockWalk``), so only one layer's
+weights are ever in memory and any variant size calibrates.
 
 MoE experts get one H per expert, over the tokens routed to it, each token weighted by the square of
 its routing weight (the factor the expert's output error reaches the layer output with): the
 TopKMoE inputs are exposed, routed again by the op's reference, and the down projection's inputs
 recomputed from the float gate/up weights.
 
-The whole decoder is loaded into memory for this, which suits the trained fixtures and tiny variants;
-full-size calibration (one layer at a time) is not built yet.
+The tied LM head's H comes from a last step through the decoder's head (final norm), after every block.
 """
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from tokenizers import Tokenizer
 
+from gemma4_onnx.exporter.geometry import LayerSpec, text_geometry
 from gemma4_onnx.quantize.experts import DOWN, GATE_UP, is_topk_moe
-from gemma4_onnx.runtime.text_model import TextModel, session_options
+from gemma4_onnx.quantize.float_tensors import FloatTensors
+from gemma4_onnx.quantize.graph_session import WeightFedSession, subgraph
 
 WINDOW = 512
 MAX_TOKENS = 16384
+HEAD_WEIGHT = "model.language_model.embed_tokens.weight"
 
 
 def linear_inputs(model: onnx.ModelProto, weights: set[str]) -> dict[str, str]:
@@ -34,57 +35,169 @@ def linear_inputs(model: onnx.ModelProto, weights: set[str]) -> dict[str, str]:
 
 
 def calibration_tokens(package: Path, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
     tokenizer = Tokenizer.from_file(str(package / "tokenizer.json"))
     return list(tokenizer.encode(text, add_special_tokens=False).ids)[:MAX_TOKENS]
 
 
-def input_hessians(package: Path, weights: set[str], text: str) -> dict[str, np.ndarray]:
-    """Σ xᵀx (float64, [K, K]) of the input of each linear weight in ``weights`` over the text."""
-    text_model = TextModel(package)
-    decoder = onnx.load(package / text_model.manifest["graphs"]["decoder"]["file"])  # with its weights
-    inputs = linear_inputs(decoder, weights)
-    moe = [ExpertStatistics(node, decoder) for node in decoder.graph.node
-           if is_topk_moe(node) and {node.input[GATE_UP], node.input[DOWN]} & weights]
-    activations = sorted(set(inputs.values()) | {name for layer in moe for name in layer.inputs})
-    for name in activations:
-        decoder.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(decoder.SerializeToString(), session_options(),
-                                   providers=["CPUExecutionProvider"])
-    sums: dict[str, np.ndarray] = {}
-    tokens = calibration_tokens(package, text)
-    for start in range(0, len(tokens), WINDOW):
-        window = tokens[start:start + WINDOW]
-        cache = text_model.empty_cache(1)
-        embedded = text_model.embed.run(None, {"input_ids": np.array([window], dtype=np.int64)})
-        feeds = {"inputs_embeds": embedded[0], "position_ids": np.arange(len(window), dtype=np.int64)[None]}
-        if len(embedded) > 1:
-            feeds["per_layer_inputs"] = embedded[1]
-        feeds.update(cache.tensors)
-        values = dict(zip(activations, session.run(activations, feeds), strict=True))
-        for name in set(inputs.values()):
-            x = values[name].reshape(-1, values[name].shape[-1]).astype(np.float64)
-            sums[name] = sums.get(name, 0) + x.T @ x
+def _graph_dir(file: str) -> str:
+    return str(Path(file).parent) if "/" in file else ""
+
+
+class BlockWalk:
+    """Calibration windows carried through the decoder one block at a time, in layer order. Each block runs
+    on its float weights fed as inputs, so the graph and kernels are the same whichever source (a float
+    package, or an export in progress) the weights come from."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], tensors: FloatTensors, tokens: list[int]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.tensors = tensors
+        self.geometry = text_geometry(manifest["text_config"])
+        windows = [tokens[start:start + WINDOW] for start in range(0, len(tokens), WINDOW)]
+        embedded = embedded_windows(root, manifest, tensors, windows)
+        self.hidden = [e["inputs_embeds"] for e in embedded]
+        self.per_layer = [e.get("per_layer_inputs") for e in embedded]
+        self.published: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.next_layer = 0
+
+    def block(self, spec: LayerSpec, extra_outputs: list[str] | None = None) -> WeightFedSession:
+        entry = next(b for b in self.manifest["graphs"]["blocks"] if b["layer"] == spec.index)
+        model = onnx.load(self.root / entry["file"], load_external_data=False)
+        return WeightFedSession(model, self.tensors, _graph_dir(entry["file"]), extra_outputs or [])
+
+    def feeds(self, spec: LayerSpec, window: int) -> dict[str, np.ndarray]:
+        hidden = self.hidden[window]
+        feeds = {"hidden_states": hidden, "position_ids": np.arange(hidden.shape[1], dtype=np.int64)[None]}
+        per_layer = self.per_layer[window]
+        if per_layer is not None:
+            feeds["per_layer_input"] = np.ascontiguousarray(per_layer[:, :, spec.index])
+        if spec.owns_cache:
+            for part in spec.cache_parts:
+                feeds[f"past_{part}"] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+        else:
+            assert spec.kv_producer is not None
+            feeds["shared_key"], feeds["shared_value"] = self.published[spec.kv_producer][window]
+        return feeds
+
+    def advance(self, spec: LayerSpec, outputs: list[dict[str, np.ndarray]]) -> None:
+        """The block's float outputs become the next block's inputs."""
+        assert spec.index == self.next_layer, f"blocks are walked in order: {spec.index} after {self.next_layer - 1}"
+        self.hidden = [o["hidden_states_out"] for o in outputs]
+        if spec.kv_mode == "store":
+            self.published[spec.index] = [(o["published_key"], o["published_value"]) for o in outputs]
+        self.next_layer += 1
+
+    def windows(self) -> range:
+        return range(len(self.hidden))
+
+
+def embedded_windows(root: Path, manifest: dict[str, Any], tensors: FloatTensors,
+                     windows: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    """embed.onnx's outputs for each window, computed with only the table rows the windows use (full-size
+    E2B's token and PLE tables are 1.6 and 9.4 GB in fp32). Ids are renumbered densely for the cut tables,
+    skipping the multimodal placeholder ids the graph would replace by pad (text never holds them: they
+    are replaced here first, as the graph does)."""
+    model = onnx.load(root / manifest["graphs"]["embed"]["file"], load_external_data=False)
+    token_ids = manifest.get("token_ids") or {}
+    placeholders = {int(v) for k, v in token_ids.items() if k in ("image_token_id", "audio_token_id",
+                                                                  "video_token_id") and v is not None}
+    pad = int(manifest["text_config"].get("pad_token_id") or 0)
+    text_ids = [np.where(np.isin(w, list(placeholders)), pad, w) for w in map(np.array, windows)]
+    used = np.unique(np.concatenate(text_ids))
+    dense = []
+    code = 0
+    for _ in used:
+        while code in placeholders:
+            code += 1
+        dense.append(code)
+        code += 1
+    renumber = dict(zip(used.tolist(), dense, strict=True))
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and _int_attribute(n, "axis", 0) == 0}
+    session = WeightFedSession(model, tensors, "", [], cut_tables={t: (used, np.array(dense)) for t in tables})
+    names = [o.name for o in model.graph.output]
+    out = []
+    for ids in text_ids:
+        dense_ids = np.array([[renumber[int(i)] for i in ids]], dtype=np.int64)
+        out.append(dict(zip(names, session.run(names, {"input_ids": dense_ids}), strict=True)))
+    return out
+
+
+def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+class HessianWalk:
+    """Σ xᵀx per linear weight, one block at a time (``layer`` in layer order, then ``head``); with ``keep``,
+    results stay for a later recipe on the same package (small packages only: they are [K, K] float64)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], tensors: FloatTensors, weights: set[str],
+                 text: str, keep: bool = False) -> None:
+        self.weights = weights
+        self.walk = BlockWalk(root, manifest, tensors, calibration_tokens(root, text))
+        self.keep = keep
+        self.done: dict[int | str, dict[str, np.ndarray]] = {}
+
+    def layer(self, spec: LayerSpec) -> dict[str, np.ndarray]:
+        if spec.index in self.done:
+            return self.done[spec.index]
+        block = self.walk.block(spec)
+        inputs = linear_inputs(block.model, self.weights)
+        moe = [ExpertStatistics(node, block.weights) for node in block.model.graph.node
+               if is_topk_moe(node) and {node.input[GATE_UP], node.input[DOWN]} & self.weights]
+        activations = sorted(set(inputs.values()) | {name for layer in moe for name in layer.inputs})
+        block.expose(activations)
+        sums: dict[str, np.ndarray] = {}
+        outputs = []
+        for window in self.walk.windows():
+            values = block.run_all(self.walk.feeds(spec, window))
+            for name in set(inputs.values()):
+                x = values[name].reshape(-1, values[name].shape[-1]).astype(np.float64)
+                sums[name] = sums.get(name, 0) + x.T @ x
+            for layer in moe:
+                layer.add(*(values[name] for name in layer.inputs))
+            outputs.append(values)
+        self.walk.advance(spec, outputs)
+        hessians = {weight: sums[activation] for weight, activation in inputs.items()}
         for layer in moe:
-            layer.add(*(values[name] for name in layer.inputs))
-    hessians = {weight: sums[activation] for weight, activation in inputs.items()}
-    for layer in moe:
-        hessians.update(layer.hessians())
-    return hessians
+            hessians.update(layer.hessians())
+        if self.keep:
+            self.done[spec.index] = hessians
+        return hessians
+
+    def head(self) -> dict[str, np.ndarray]:
+        """H of the tied LM head: the decoder's head (final norm) run on the last block's outputs."""
+        if "head" in self.done or HEAD_WEIGHT not in self.weights:
+            return self.done.get("head", {})
+        assert self.walk.next_layer == self.walk.geometry.num_layers, "the head comes after every block"
+        manifest = self.walk.manifest
+        decoder = onnx.load(self.walk.root / manifest["graphs"]["decoder"]["file"], load_external_data=False)
+        last = f"hidden_states.{self.walk.geometry.num_layers}"
+        activation = linear_inputs(decoder, {HEAD_WEIGHT})[HEAD_WEIGHT]
+        session = WeightFedSession(subgraph(decoder, [last], [activation]), self.walk.tensors, "", [])
+        total: np.ndarray | int = 0
+        for hidden in self.walk.hidden:
+            (x,) = session.run([activation], {last: hidden})
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            total = total + x.T @ x
+        assert isinstance(total, np.ndarray)
+        self.done["head"] = {HEAD_WEIGHT: total}
+        return self.done["head"]
 
 
 class ExpertStatistics:
     """Per-expert Σ w²·xᵀx of one TopKMoE node's gate/up input z and down input gelu(g)·u."""
 
-    def __init__(self, node: onnx.NodeProto, decoder: onnx.ModelProto) -> None:
+    def __init__(self, node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> None:
         import torch
 
-        arrays = {t.name: t for t in decoder.graph.initializer if t.name in node.input}
         self.inputs = (node.input[0], node.input[1])
         self.names = (node.input[GATE_UP], node.input[DOWN])
-        scale, proj, per_expert_scale = (torch.from_numpy(onnx.numpy_helper.to_array(arrays[name]).astype(np.float32))
+        scale, proj, per_expert_scale = (torch.from_numpy(arrays[name].astype(np.float32))
                                          for name in node.input[2:GATE_UP])
         self.router = (scale, proj, per_expert_scale)
-        self.gate_up = onnx.numpy_helper.to_array(arrays[self.names[0]]).astype(np.float64)
+        self.gate_up = arrays[self.names[0]].astype(np.float64)
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         self.top_k, self.eps = int(attributes["top_k"]), float(attributes["eps"])
         experts, rows, hidden = self.gate_up.shape

@@ -22,9 +22,9 @@ that matches a tensor decides for it; ``[default]`` decides for the rest::
     bits = "float"            # or any default key; or skip = true (left exactly as exported)
     optional = true           # may match nothing (family-specific rules of shared recipes)
 
-A recipe may also set ``budget_bits = B`` (top level): after the rules decide, the int4 tensors whose
-quantization costs the most at the model output (measured on calibration text, ``sensitivity``) move
-to int8, most harmful per extra bit first, while the average stored bits per linear weight stays
+A recipe may also set ``budget_bits = B`` (top level): after the rules decide, the int4 decoder-block
+tensors whose quantization costs the most at their block's output (measured on calibration text,
+``sensitivity``) move to int8, most harmful per extra bit first, while the average stored bits per linear weight stays
 within B. The built-in ``auto`` recipe takes B from ``--budget-bits``.
 
 Unknown keys, bad regular expressions, impossible bit widths or block sizes, and (against a model)

@@ -1,29 +1,27 @@
-"""Layer sensitivity: the error at the model output when only one tensor is quantized.
+"""Tensor sensitivity: the error at its block's output when only that tensor is quantized.
 
-For every candidate the plan would quantize at 4 bits, the float decoder is run on calibration text
-with that tensor alone replaced by its round-to-nearest int4 copy (quantized, then dequantized), and
-the mean KL divergence of its next-token distribution from the float model's is that tensor's
-sensitivity. Round-to-nearest stands in for the plan's algorithm: it ranks tensors the same way at a
-fraction of GPTQ's cost. The candidate weights become graph inputs of one in-memory session, so each
-measurement is one run, not one session.
-
-The whole decoder is loaded into memory, which suits the trained fixtures and tiny variants.
+For every candidate the plan would quantize at 4 bits, its decoder block is run on calibration text with
+that tensor alone replaced by its round-to-nearest int4 copy (quantized, then dequantized); the energy of
+the change of the block's output relative to the output's own energy, Σ‖h_q − h‖² / Σ‖h‖², is that
+tensor's sensitivity. Every block writes into the same residual stream, so these are comparable across
+layers. Round-to-nearest stands in for the plan's algorithm: it ranks tensors the same way at a fraction
+of GPTQ's cost. Blocks run one at a time on their float inputs (``calibration.BlockWalk``), so this needs
+one layer's weights in memory at any variant size, and an export in progress measures exactly what a
+float package would.
 """
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 from gemma4_onnx.progress import progress
 from gemma4_onnx.quantize.blockwise import blockwise
-from gemma4_onnx.quantize.calibration import calibration_tokens
+from gemma4_onnx.quantize.calibration import BlockWalk, calibration_tokens
 from gemma4_onnx.quantize.experts import dequantize
+from gemma4_onnx.quantize.float_tensors import FloatTensors
 from gemma4_onnx.quantize.plan import Entry
-from gemma4_onnx.runtime.parity import kl_sum
-from gemma4_onnx.runtime.text_model import TextModel, session_options
 
 TOKENS = 512
 
@@ -36,33 +34,22 @@ def fake_quantized(weight: np.ndarray, entry: Entry) -> np.ndarray:
     return np.stack(out).reshape(weight.shape).astype(weight.dtype)
 
 
-def sensitivities(package: Path, entries: list[Entry], text: str) -> dict[str, float]:
-    """Tensor name → mean KL (nats per token) of the model with only that tensor at int4."""
-    text_model = TextModel(package)
-    decoder = onnx.load(package / text_model.manifest["graphs"]["decoder"]["file"])
+def sensitivities(root: Path, manifest: dict[str, Any], tensors: FloatTensors, entries: list[Entry],
+                  text: str) -> dict[str, float]:
+    """Tensor name → Σ‖Δh‖² / Σ‖h‖² at its block's output with only that tensor at int4."""
     wanted = {e.candidate.name: e for e in entries}
-    weights: dict[str, np.ndarray] = {}
-    kept = []
-    for tensor in decoder.graph.initializer:
-        if tensor.name in wanted:
-            weights[tensor.name] = onnx.numpy_helper.to_array(tensor)
-            decoder.graph.input.append(onnx.helper.make_tensor_value_info(
-                tensor.name, tensor.data_type, list(tensor.dims)))
-        else:
-            kept.append(tensor)
-    del decoder.graph.initializer[:]
-    decoder.graph.initializer.extend(kept)
-    session = ort.InferenceSession(decoder.SerializeToString(), session_options(),
-                                   providers=["CPUExecutionProvider"])
-    tokens = calibration_tokens(package, text)[:TOKENS]
-    embedded = text_model.embed.run(None, {"input_ids": np.array([tokens], dtype=np.int64)})
-    feeds = {"inputs_embeds": embedded[0], "position_ids": np.arange(len(tokens), dtype=np.int64)[None],
-             **text_model.empty_cache(1).tensors, **weights}
-    if len(embedded) > 1:
-        feeds["per_layer_inputs"] = embedded[1]
-    (reference,) = session.run(["logits"], feeds)
-    out = {}
-    for name in progress(sorted(weights), desc="sensitivity", unit="tensor"):
-        (logits,) = session.run(["logits"], {**feeds, name: fake_quantized(weights[name], wanted[name])})
-        out[name] = kl_sum(reference[0], logits[0]) / len(tokens)
+    walk = BlockWalk(root, manifest, tensors, calibration_tokens(root, text)[:TOKENS])
+    out: dict[str, float] = {}
+    for spec in progress(walk.geometry.layers, desc="sensitivity", unit="block"):
+        block = walk.block(spec)
+        outputs = [block.run_all(walk.feeds(spec, window)) for window in walk.windows()]
+        energy = sum(float(np.sum(np.square(o["hidden_states_out"], dtype=np.float64))) for o in outputs)
+        for name in sorted(set(block.weights) & set(wanted)):
+            replaced = {name: fake_quantized(block.weights[name], wanted[name])}
+            change = 0.0
+            for window, reference in zip(walk.windows(), outputs, strict=True):
+                (hidden,) = block.run(["hidden_states_out"], walk.feeds(spec, window), replaced)
+                change += float(np.sum(np.square(hidden - reference["hidden_states_out"], dtype=np.float64)))
+            out[name] = change / energy
+        walk.advance(spec, outputs)
     return out

@@ -206,7 +206,7 @@ def test_budget_goes_to_the_most_harmful_tensors_per_extra_bit() -> None:
     one_small = floor + (8 - 4 + 4 / 32) * 1000 / 7000  # room for exactly one 1000-weight tensor at int8
     chosen = spend(plan, sensitivity, one_small + 1e-9)
     assert [e.candidate.name for e in chosen if e.decision.bits == 8] == ["b"]
-    assert "KL 3.00e-03" in next(e.rule for e in chosen if e.candidate.name == "b")
+    assert "block error 3.00e-03" in next(e.rule for e in chosen if e.candidate.name == "b")
     two = spend(plan, sensitivity, floor + 2 * (one_small - floor) + 1e-9)
     assert {e.candidate.name for e in two if e.decision.bits == 8} == {"a", "b"}
     assert average_bits(two) <= floor + 2 * (one_small - floor) + 1e-9

@@ -1,0 +1,101 @@
+"""Where quantization reads float weights: an exported float package (its data files, memory-mapped), or
+an export in progress (``export --recipe``: each tensor produced from the checkpoint, or the variant's
+random weights, when quantization asks for it, and never written in float).
+
+Both hand out the same float32 values in the same pieces (``ROW_CHUNK`` rows at a time), so a package
+quantized after its export and one quantized while exporting hold identical bytes.
+"""
+
+import mmap
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from gemma4_onnx.graphs.external_data import external_entries
+
+ROW_CHUNK = 4096
+Loader = Callable[[], np.ndarray | Iterator[np.ndarray]]
+
+
+class FloatTensors(Protocol):
+    def array(self, tensor: onnx.TensorProto, graph_dir: str) -> np.ndarray:
+        """The whole tensor (one layer's weights, an expert stack), in its stored type."""
+        ...
+
+    def row_chunks(self, tensor: onnx.TensorProto, graph_dir: str) -> Iterator[np.ndarray]:
+        """The tensor ``ROW_CHUNK`` rows at a time (the last chunk shorter), only one chunk in memory."""
+        ...
+
+
+def _regrouped(chunks: Iterable[np.ndarray], row_shape: tuple[int, ...], dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Consecutive chunks of whole rows (any lengths) as chunks of exactly ``ROW_CHUNK`` rows."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for chunk in chunks:
+        rows = np.asarray(chunk, dtype=dtype).reshape(-1, *row_shape)
+        while len(rows):
+            take = rows[:ROW_CHUNK - held]
+            pending.append(take)
+            held += len(take)
+            rows = rows[len(take):]
+            if held == ROW_CHUNK:
+                yield np.concatenate(pending)
+                pending, held = [], 0
+    if pending:
+        yield np.concatenate(pending)
+
+
+class PackageTensors:
+    """The initializers of a float package's graphs, read from its data files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _mapped(self, tensor: onnx.TensorProto, graph_dir: str) -> np.memmap:
+        info = external_entries(tensor)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.memmap(self.root / graph_dir / info["location"], dtype=dtype, mode="r",
+                         offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+
+    def array(self, tensor: onnx.TensorProto, graph_dir: str) -> np.ndarray:
+        return np.array(self._mapped(tensor, graph_dir))
+
+    def row_chunks(self, tensor: onnx.TensorProto, graph_dir: str) -> Iterator[np.ndarray]:
+        """Pages of the map that were read stay resident, and count, until the process drops them: each
+        chunk's pages are let go once it is copied (E2B's PLE table is 9.4 GB in fp32)."""
+        mapped = self._mapped(tensor, graph_dir)
+        if mapped.ndim == 0:
+            yield np.array(mapped)
+            return
+        for start in range(0, len(mapped), ROW_CHUNK):
+            chunk = np.array(mapped[start:start + ROW_CHUNK])
+            raw = getattr(mapped, "_mmap", None)
+            if isinstance(raw, mmap.mmap):
+                raw.madvise(mmap.MADV_DONTNEED)
+            yield chunk
+
+
+class StreamedTensors:
+    """The initializers of an export in progress, by name: each read from the export's source (through the
+    loader the export's writer was given) every time it is asked for."""
+
+    def __init__(self, loaders: dict[str, tuple[Loader, tuple[int, ...], np.dtype]]) -> None:
+        self.loaders = loaders
+
+    def _chunks(self, name: str) -> Iterator[np.ndarray]:
+        loaded = self.loaders[name][0]()
+        return iter([loaded]) if isinstance(loaded, np.ndarray) else loaded
+
+    def array(self, tensor: onnx.TensorProto, graph_dir: str) -> np.ndarray:
+        _, shape, dtype = self.loaders[tensor.name]
+        return np.concatenate([np.asarray(c, dtype=dtype).reshape(-1) for c in self._chunks(tensor.name)]
+                              ).reshape(shape)
+
+    def row_chunks(self, tensor: onnx.TensorProto, graph_dir: str) -> Iterator[np.ndarray]:
+        _, shape, dtype = self.loaders[tensor.name]
+        if not shape:
+            return iter([self.array(tensor, graph_dir)])
+        return _regrouped(self._chunks(tensor.name), shape[1:], dtype)
