@@ -48,6 +48,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     Leading axes are independent problems (the experts of a MoE layer), solved together."""
     pad = -weight.shape[-1] % block
     w = np.pad(weight.astype(np.float64), [(0, 0)] * (weight.ndim - 1) + [(0, pad)])
+    # a fresh copy (astype copies), changed in place; at most two [K, K] float64 arrays live at once
     h = np.pad(hessian.astype(np.float64), [(0, 0)] * (hessian.ndim - 2) + [(0, pad), (0, pad)])
     k = w.shape[-1]
     top = (1 << bits) - 1
@@ -56,9 +57,10 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     w = np.where(dead[..., None, :], 0.0, w)
     diagonal = np.where(dead, 1.0, diagonal)
     diagonal += DAMPING * diagonal.mean(axis=-1, keepdims=True)
-    h = h.copy()
     h[..., np.arange(k), np.arange(k)] = diagonal
-    h_inv = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), -1, -2)  # upper Cholesky factor of H⁻¹
+    h = np.linalg.inv(h)
+    h_inv = np.swapaxes(np.linalg.cholesky(h), -1, -2)  # upper Cholesky factor of H⁻¹
+    del h
     codes = np.zeros(w.shape, dtype=np.uint8)
     scales = np.zeros((*w.shape[:-1], k // block))
     zeros = np.zeros_like(scales)
