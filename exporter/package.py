@@ -15,6 +15,7 @@ Each distinct layer kind is traced once (see ``trace``); every other layer reuse
 """
 
 import functools
+import json
 import math
 import os
 import shutil
@@ -88,6 +89,9 @@ class _Writer(PackageWriter):
 
 
 TARGETS = ("portable", "ort")
+# A layer kind's trace depends on the configuration only (weights are its inputs): one per process, like
+# the towers' (``towers._TRACES``); the test suite and ``make report`` export the same variants again.
+_LAYER_TRACES: dict[str, TracedBlock] = {}
 ROPE_TABLES = "blocks/rope.data"
 
 
@@ -98,7 +102,8 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
     onnxruntime's fused kernels where they fit (``graphs.lower_ort``). With ``structure_only`` the graphs,
     signatures and cache layout are written but no weight data (full-size variants whose fp32 weights
     would not fit the disk): such a package documents and checks the structure, it cannot run. With
-    ``recipe`` the package is quantized in the same pass (``export_quantized``)."""
+    ``recipe`` the package is quantized in the same pass (``export_quantized``), and an interrupted run
+    restarts from its last completed block."""
     if target not in TARGETS:
         raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if recipe is not None:
@@ -137,9 +142,20 @@ def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = Fals
         _write_package(weights, writer, False)
         job = QuantizeJob(scratch, read_manifest(scratch), StreamedTensors(writer.loaders), recipe, budget_bits,
                           calibration)
-        return job.publish(out, force, fp32_bytes(weights), {"source_package": None})
+        return job.publish(out, force, fp32_bytes(weights), {"source_package": None},
+                           resume_key=json.dumps([_source_key(weights), target], sort_keys=True))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _source_key(weights: WeightSource) -> dict[str, Any]:
+    """What identifies the weights an interrupted export was reading: a checkpoint's files by size and
+    modification time, random weights by variant, seed and dtype."""
+    key = weights.describe()
+    if isinstance(weights, CheckpointWeights):
+        key["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+                        for p in sorted(weights.checkpoint.directory.iterdir()) if p.is_file()}
+    return key
 
 
 def _write_package(weights: WeightSource, writer: "_Writer", structure_only: bool) -> None:
@@ -201,9 +217,14 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
         prefix = f"{STATE_PREFIX}layers.{spec.index}."
         kind = layer_kind(spec)
         if kind not in kinds:
-            example = example_weights(weights, {w: prefix + w for w in block_weights(block)}, writer.zero_examples)
-            kinds[kind] = trace_block(block, f"decoder_layer_{len(kinds)}", block.example_activations(),
-                                      block.activation_names, block.output_names, block.dynamic_axes, example)
+            key = json.dumps([weights.config, repr(kind), len(kinds)], sort_keys=True)
+            if key not in _LAYER_TRACES:
+                example = example_weights(weights, {w: prefix + w for w in block_weights(block)},
+                                          writer.zero_examples)
+                _LAYER_TRACES[key] = trace_block(block, f"decoder_layer_{len(kinds)}", block.example_activations(),
+                                                 block.activation_names, block.output_names, block.dynamic_axes,
+                                                 example)
+            kinds[kind] = _LAYER_TRACES[key]
         traced = kinds[kind]
         location = block_file(spec.index) + ".data"
         names = [prefix + w for w in traced.weights]
@@ -318,8 +339,6 @@ def _copy_side_files(weights: WeightSource, staging: Path) -> None:
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, staging / name)
         return
-    import json
-
     from gemma4_onnx.exporter.tokenizer import write_tokenizer
 
     (staging / "config.json").write_text(json.dumps(weights.config, indent=2) + "\n")

@@ -153,14 +153,62 @@ def publish_dir(target: Path, force: bool = False, needed_bytes: int | None = No
         replace_dir(staging, target)
         fsync_dir(target.parent)
     except OSError as exc:
-        written = tree_bytes(staging) if staging.exists() else 0
+        raise _removed_after(exc, staging, target, needed_bytes) from None
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno not in DISK_FULL:
-            raise
-        needs = f"about {_size(needed_bytes)}" if needed_bytes else f"more than {_size(written)}"
-        raise DiskFullError(f"out of space writing {target} ({exc.strerror}): {_size(written)} written before the "
-                            f"filesystem refused more; the output needs {needs}, {_size(free_bytes(target.parent))} "
-                            "free; nothing was published") from None
+        raise
+
+
+def _removed_after(exc: OSError, staging: Path, target: Path, needed_bytes: int | None) -> Exception:
+    """Remove ``staging`` after ``exc``; the error to raise (a full disk says how much was needed)."""
+    written = tree_bytes(staging) if staging.exists() else 0
+    shutil.rmtree(staging, ignore_errors=True)
+    if exc.errno not in DISK_FULL:
+        return exc
+    needs = f"about {_size(needed_bytes)}" if needed_bytes else f"more than {_size(written)}"
+    return DiskFullError(f"out of space writing {target} ({exc.strerror}): {_size(written)} written before the "
+                         f"filesystem refused more; the output needs {needs}, {_size(free_bytes(target.parent))} "
+                         "free; nothing was published")
+
+
+RESUME_STATE = ".resume"
+
+
+def partial_dir(target: Path) -> Path:
+    """Where a resumable writer of ``target`` keeps its work until it is complete."""
+    target = Path(target).absolute()
+    return target.parent / f".{target.name}.partial"
+
+
+@contextlib.contextmanager
+def publish_resumable(target: Path, key: str, force: bool = False, needed_bytes: int | None = None) -> Iterator[Path]:
+    """``publish_dir`` for long writers that can pick up where an interrupted run stopped: the staging
+    directory is ``partial_dir(target)``, kept when the run is interrupted (Ctrl-C, a kill, a crash of
+    the machine) and reused by the next run whose ``key`` (what it would write) is the same; a different
+    key starts afresh. Any other failure removes it, as ``publish_dir`` does."""
+    target = Path(target).absolute()
+    check_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
+    staging = partial_dir(target)
+    state = staging / RESUME_STATE / "key"
+    if staging.exists() and not (state.is_file() and state.read_text() == key):
+        shutil.rmtree(staging)
+    if not staging.exists():
+        if needed_bytes is not None:
+            check_free_space(target.parent, needed_bytes)
+        (staging / RESUME_STATE).mkdir(parents=True)
+        state.write_text(key)
+    try:
+        yield staging
+        shutil.rmtree(staging / RESUME_STATE)
+        fsync_tree(staging)
+        replace_dir(staging, target)
+        fsync_dir(target.parent)
+    except KeyboardInterrupt:
+        raise
+    except OSError as exc:
+        raise _removed_after(exc, staging, target, needed_bytes) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ allocation granularity onnxruntime needs to memory-map them on every OS); files 
 fresh, never appended to.
 """
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -133,6 +134,24 @@ class PackageWriter:
             tensor.data_type = data_type
             self.written[name] = tensor
         return self.written[name]
+
+    def adopt(self, tensor: TensorProto, graph_dir: str) -> None:
+        """A tensor already in a finished file (seen from a graph in ``graph_dir``), known from now on."""
+        if tensor.name not in self.written:
+            adopted = TensorProto()
+            adopted.CopyFrom(tensor)
+            for entry in adopted.external_data:
+                if entry.key == "location" and graph_dir:
+                    entry.value = (Path(graph_dir) / entry.value).as_posix()
+            self.written[tensor.name] = adopted
+
+    def finish(self, location: str) -> None:
+        """Close ``location`` and put its bytes on disk: nothing more is written to it."""
+        data = self.files.get(location)
+        if data is not None and data._file is not None:
+            data._file.flush()
+            os.fsync(data._file.fileno())
+            data.close()
 
     def relocated(self, name: str, graph_dir: str) -> TensorProto:
         """The initializer as seen from a graph in ``graph_dir`` (a subfolder of the package, or "")."""

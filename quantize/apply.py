@@ -14,6 +14,7 @@ ops read the same [V, H/block, block] layout.
 """
 
 import functools
+import hashlib
 import json
 import math
 import shutil
@@ -27,7 +28,7 @@ import onnx
 from onnx import helper
 
 from gemma4_onnx import __version__
-from gemma4_onnx.atomic import check_free_space, check_target, publish_dir
+from gemma4_onnx.atomic import check_free_space, check_target, publish_dir, publish_resumable
 from gemma4_onnx.builtin_text import calibration_text
 from gemma4_onnx.errors import NotBuiltYet, UsageError
 from gemma4_onnx.exporter.geometry import text_geometry
@@ -35,7 +36,7 @@ from gemma4_onnx.graphs.domain import ORT_CONTRIB_DOMAIN, import_ort_contrib
 from gemma4_onnx.graphs.external_data import PackageWriter, external_entries
 from gemma4_onnx.graphs.manifest import MANIFEST, graph_signature, read_manifest, write_manifest
 from gemma4_onnx.graphs.topk_moe import NBITS
-from gemma4_onnx.progress import progress
+from gemma4_onnx.progress import progress, say
 from gemma4_onnx.quantize.blockwise import average_bits, bits_per_weight, blockwise
 from gemma4_onnx.quantize.budget import spend, upgradable
 from gemma4_onnx.quantize.calibration import HessianWalk
@@ -51,6 +52,7 @@ from gemma4_onnx.quantize.float_tensors import FloatTensors, PackageTensors
 from gemma4_onnx.quantize.memo import recall, remember_result, remembered
 from gemma4_onnx.quantize.plan import Entry, resolve
 from gemma4_onnx.quantize.recipe import Decision, load_recipe
+from gemma4_onnx.quantize.resume import ResumeState
 from gemma4_onnx.quantize.sensitivity import sensitivities
 from gemma4_onnx.runtime.package_files import graph_entries, has_weights
 from gemma4_onnx.runtime.text_model import check_files_present
@@ -98,6 +100,16 @@ class Quantizer:
         self.writer = PackageWriter(staging)
         self.sources: dict[str, tuple[onnx.TensorProto, str]] = {}  # name → (tensor, its graph dir)
         self.quantized_names: list[str] = []
+
+    def adopt(self, model: onnx.ModelProto, source: onnx.ModelProto, graph_dir: str) -> None:
+        """Take over the tensors of a graph an interrupted run already wrote (``resume``) from ``source``:
+        later graphs refer to them instead of writing them again."""
+        float_names = {t.name for t in source.graph.initializer}
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                self.writer.adopt(tensor, graph_dir)
+                if tensor.name not in float_names:
+                    self.quantized_names.append(tensor.name)
 
     def _location(self, name: str) -> str:
         tensor, graph_dir = self.sources[name]
@@ -371,64 +383,104 @@ class QuantizeJob:
         self.calibration = calibration
 
     def publish(self, out_dir: Path, force: bool, float_bytes: int, provenance: dict[str, Any],
-                remember: bool = False, content: dict[str, Any] | None = None) -> Path:
+                remember: bool = False, content: dict[str, Any] | None = None, resume_key: str | None = None) -> Path:
         """Calibrate, quantize and publish ``out_dir``. ``remember``: calibration results are kept for another
-        recipe on the same package in this process (``memo``); ``content`` adds to the manifest."""
+        recipe on the same package in this process (``memo``); ``content`` adds to the manifest; with
+        ``resume_key`` (what identifies the source) an interrupted run restarts from its last completed block."""
+        out = Path(out_dir)
         needed = quantized_bytes(float_bytes, self.plan)
-        check_target(Path(out_dir).absolute(), force)  # before calibration, which takes minutes at full size
-        check_free_space(Path(out_dir).absolute().parent, needed)
+        check_target(out.absolute(), force)  # before calibration, which takes minutes at full size
+        check_free_space(out.absolute().parent, needed)
         calibration = self.calibration
         text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
+        if resume_key is None:
+            with publish_dir(out, force=force, needed_bytes=needed) as staging:
+                self._write(staging, text, None, remember, provenance, content)
+            return out
+        key = hashlib.sha256(json.dumps([resume_key, __version__, self.recipe.name, self.recipe.description,
+                                         self.recipe.budget_bits, [e.as_dict() for e in self.plan],
+                                         hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()],
+                                        sort_keys=True).encode()).hexdigest()
+        with publish_resumable(out, key, force=force, needed_bytes=needed) as staging:
+            self._write(staging, text, ResumeState(staging), remember, provenance, content)
+        return out
+
+    def _write(self, staging: Path, text: str, resume: ResumeState | None, remember: bool,
+               provenance: dict[str, Any], content: dict[str, Any] | None) -> None:
         plan, sensitivity = self.plan, {}
         if self.recipe.budget_bits is not None:
             candidates = upgradable(plan)
             detail = tuple((e.candidate.name, e.decision.block_size, e.decision.symmetric) for e in candidates)
             measure = functools.partial(sensitivities, self.root, self.manifest, self.tensors, candidates, text)
-            sensitivity = remembered("sensitivity", self.root, text, detail, measure) if remember else measure()
+            kept = resume.sensitivity() if resume else None
+            sensitivity = kept if kept is not None else (
+                remembered("sensitivity", self.root, text, detail, measure) if remember else measure())
+            if resume and kept is None:
+                resume.save_sensitivity(sensitivity)
             plan = spend(plan, sensitivity, self.recipe.budget_bits, asked=self.asked_budget)
         plan_json = [e.as_dict() for e in plan]
         calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
         walk = self._hessians(calibrated, text, remember and _small(plan, calibrated)) if calibrated else None
+        done = resume.layers_done() if resume else 0
+        finished = {f for b in self.manifest["graphs"]["blocks"] if b["layer"] < done
+                    for f in (b["file"], b["file"].removesuffix(".onnx") + ".data")}
+        if resume:
+            resume.clear_unfinished(finished)
+            if done:
+                say(f"resuming: blocks 0-{done - 1} were completed by an interrupted run")
+            if walk is not None and done:
+                resume.restore_walk(walk.walk)
         recipe = self.recipe
-        with publish_dir(Path(out_dir), force=force, needed_bytes=needed) as staging:
-            quantizer = Quantizer(self.tensors, staging, plan, self.geometry.ple_dim)
-            graphs = json.loads(json.dumps(self.manifest["graphs"]))
-            signatures: dict[str, Any] = {}
-            try:
-                for file in progress(self._ordered(), desc=f"quantizing ({recipe.name})", unit="graph"):
+        quantizer = Quantizer(self.tensors, staging, plan, self.geometry.ple_dim)
+        graphs = json.loads(json.dumps(self.manifest["graphs"]))
+        signatures: dict[str, Any] = {}
+        try:
+            for file in progress(self._ordered(), desc=f"quantizing ({recipe.name})", unit="graph"):
+                graph_dir = str(Path(file).parent) if "/" in file else ""
+                model = onnx.load(self.root / file, load_external_data=False)
+                if file in finished:  # written by the interrupted run
+                    written = onnx.load(staging / file, load_external_data=False)
+                    quantizer.adopt(written, model, graph_dir)
+                    signatures[file] = graph_signature(written)
+                    continue
+                if walk is not None:
+                    quantizer.hessians = self._step(walk, file)
+                model = quantizer.rewrite(model, graph_dir)
+                entry = model.metadata_props.add()
+                entry.key, entry.value = PLAN_KEY, json.dumps({"recipe": recipe.name, "plan": plan_json})
+                (staging / file).parent.mkdir(parents=True, exist_ok=True)
+                onnx.save_model(model, staging / file)
+                signatures[file] = graph_signature(model)
+                layer = self._layer_of(file)
+                if resume and layer is not None:
+                    quantizer.writer.finish(file.removesuffix(".onnx") + ".data")
                     if walk is not None:
-                        quantizer.hessians = self._step(walk, file)
-                    model = onnx.load(self.root / file, load_external_data=False)
-                    model = quantizer.rewrite(model, str(Path(file).parent) if "/" in file else "")
-                    entry = model.metadata_props.add()
-                    entry.key, entry.value = PLAN_KEY, json.dumps({"recipe": recipe.name, "plan": plan_json})
-                    (staging / file).parent.mkdir(parents=True, exist_ok=True)
-                    onnx.save_model(model, staging / file)
-                    signatures[file] = graph_signature(model)
-            finally:
-                quantizer.writer.close()
-            if walk is not None and walk.keep:
-                remember_result("hessians", self.root, text, frozenset(calibrated), walk)
-            for entry_graph in graph_entries({"graphs": graphs}):
-                entry_graph.update(signatures[entry_graph["file"]])
-            for name in self.manifest["files"]:
-                if not (staging / name).exists() and not name.endswith((".onnx", ".data")):
-                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(self.root / name, staging / name)
-            out = {k: v for k, v in self.manifest.items() if k not in ("format", "files", MANIFEST)}
-            out.update(content or {})
-            out.update({
-                "tool": {"name": "gemma4-onnx", "version": __version__},
-                "graphs": graphs,
-                "precision": f"quantized ({recipe.name})",
-                "quantization": {"recipe": recipe.name, "description": recipe.description,
-                                 "calibration": (str(calibration) if calibration else "built-in") if calibrated
-                                 else None, **provenance, "plan": plan_json,
-                                 "avg_bits_per_linear_weight": average_bits(plan),
-                                 "budget_bits": recipe.budget_bits, "sensitivity": sensitivity or None},
-            })
-            write_manifest(staging, out)
-        return Path(out_dir)
+                        resume.save_walk(walk.walk)
+                    else:
+                        resume.mark_done(layer + 1)
+        finally:
+            quantizer.writer.close()
+        if walk is not None and walk.keep:
+            remember_result("hessians", self.root, text, frozenset(calibrated), walk)
+        for entry_graph in graph_entries({"graphs": graphs}):
+            entry_graph.update(signatures[entry_graph["file"]])
+        for name in self.manifest["files"]:
+            if not (staging / name).exists() and not name.endswith((".onnx", ".data")):
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.root / name, staging / name)
+        out = {k: v for k, v in self.manifest.items() if k not in ("format", "files", MANIFEST)}
+        out.update(content or {})
+        out.update({
+            "tool": {"name": "gemma4-onnx", "version": __version__},
+            "graphs": graphs,
+            "precision": f"quantized ({recipe.name})",
+            "quantization": {"recipe": recipe.name, "description": recipe.description,
+                             "calibration": (str(self.calibration) if self.calibration else "built-in")
+                             if calibrated else None, **provenance, "plan": plan_json,
+                             "avg_bits_per_linear_weight": average_bits(plan),
+                             "budget_bits": recipe.budget_bits, "sensitivity": sensitivity or None},
+        })
+        write_manifest(staging, out)
 
     def _hessians(self, calibrated: set[str], text: str, keep: bool) -> HessianWalk:
         if keep:
@@ -444,8 +496,11 @@ class QuantizeJob:
         decoder = self.manifest["graphs"]["decoder"]["file"]
         return [*blocks, decoder, *(f for f in self.files if f not in blocks and f != decoder)]
 
+    def _layer_of(self, file: str) -> int | None:
+        return next((b["layer"] for b in self.manifest["graphs"]["blocks"] if b["file"] == file), None)
+
     def _step(self, walk: HessianWalk, file: str) -> dict[str, np.ndarray]:
-        layer = next((b["layer"] for b in self.manifest["graphs"]["blocks"] if b["file"] == file), None)
+        layer = self._layer_of(file)
         if layer is not None:
             return walk.layer(self.geometry.layers[layer])
         return walk.head() if file == self.manifest["graphs"]["decoder"]["file"] else {}

@@ -1,10 +1,14 @@
 """``export --recipe``: one streaming pass that equals exporting in float and then quantizing."""
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from gemma4_onnx.atomic import partial_dir
 from gemma4_onnx.cli import main
 from gemma4_onnx.exporter.package import export_package
 from gemma4_onnx.quantize.apply import quantize_package
@@ -51,3 +55,48 @@ def test_bad_streaming_export_options_are_refused(extra: list[str], message: str
     assert main(["export", "tiny-e2b", str(tmp_path / "out"), "--quiet", *extra]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def _wait_for_block(partial: Path, layers: int, process: subprocess.Popen, limit: float = 300) -> None:
+    state = partial / ".resume" / "walk.json"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads(state.read_text())["next_layer"] >= layers:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"no block {layers} completed before the run ended or {limit} s")
+
+
+def test_an_interrupted_streaming_export_resumes_from_its_last_completed_block(exported, tmp_path: Path) -> None:
+    checkpoint, fp32 = exported("tiny-e2b")
+    command = [sys.executable, "-m", "gemma4_onnx.cli", "export", str(checkpoint), str(tmp_path / "out"),
+               "--recipe", "int4"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = partial_dir(tmp_path / "out")
+    try:
+        _wait_for_block(partial, 3, process)
+    finally:
+        process.kill()
+        process.wait()
+    assert not (tmp_path / "out").exists() and partial.is_dir()
+    rerun = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = int(rerun.stdout.split("resuming: blocks 0-")[1].split()[0]) + 1
+    assert done >= 3
+    assert not partial.exists()
+    complete = quantize_package(fp32, tmp_path / "complete", "int4")
+    a, b = _files(complete), _files(tmp_path / "out")
+    assert [name for name in a if name != "manifest.json" and a[name] != b[name]] == []
+
+
+def test_a_partial_export_of_another_recipe_is_not_resumed(exported, tmp_path: Path) -> None:
+    checkpoint, _ = exported("tiny-e2b")
+    partial = partial_dir(tmp_path / "out")
+    (partial / ".resume").mkdir(parents=True)
+    (partial / ".resume" / "key").write_text("another export")
+    (partial / "blocks").mkdir()
+    (partial / "blocks" / "layer_00.data").write_bytes(b"stale")
+    export_package(str(checkpoint), tmp_path / "out", recipe="int8")
+    assert not partial.exists() and (tmp_path / "out" / "blocks" / "layer_00.data").read_bytes() != b"stale"
