@@ -8,17 +8,17 @@ carry k/v projections for KV-shared layers that the reference drops: they are ig
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from gemma4_onnx.errors import CheckpointError, ConfigError
 from gemma4_onnx.exporter.geometry import TextGeometry, text_geometry
 from gemma4_onnx.exporter.hf_model import expected_tensors, ignorable_tensors
-from gemma4_onnx.exporter.safetensors_io import TensorEntry, read_header
+from gemma4_onnx.exporter.safetensors_io import DTYPES, TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -57,7 +57,7 @@ class Checkpoint:
         self.config = config
         self.entries = entries
         self.geometry: TextGeometry = text_geometry(config)
-        self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, BinaryIO] = {}
 
     @classmethod
     def open(cls, directory: str | Path, validate: bool = True) -> "Checkpoint":
@@ -99,14 +99,24 @@ class Checkpoint:
                 raise CheckpointError(f"tensor {name} has dtype {entry.dtype}; expected one of "
                                       f"{', '.join(FLOAT_DTYPES)}")
 
-    def _handle(self, file: Path) -> Any:
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        return self._handles[file]
+    def _read(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, read from its file with ``pread``: no memory map, so pages already
+        read never count towards this process's memory (full-size checkpoints are 10-60 GB)."""
+        if entry.file not in self._files:
+            self._files[entry.file] = entry.file.open("rb")
+        dtype = DTYPES[entry.dtype]
+        row_bytes = math.prod(entry.shape[1:]) * dtype.itemsize
+        rows = stop - start if entry.shape else 1
+        data = bytearray(os.pread(self._files[entry.file].fileno(), rows * row_bytes, entry.begin + start * row_bytes))
+        if len(data) != rows * row_bytes:
+            raise CheckpointError(f"{entry.file.name}: truncated while reading tensor {entry.name}")
+        value = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return value.reshape(rows, *entry.shape[1:]) if entry.shape else value.reshape(())
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, read from the memory-mapped file and checked for NaN/Inf."""
-        value = self._handle(self._entry(name).file).get_tensor(name)
+        """One tensor, read from its file and checked for NaN/Inf."""
+        entry = self._entry(name)
+        value = self._read(entry, 0, entry.shape[0] if entry.shape else 1)
         _check_finite(name, *_non_finite(value))
         return value if dtype is None else value.to(dtype)
 
@@ -119,10 +129,9 @@ class Checkpoint:
             yield self.tensor(name, dtype)
             return
         step = max(1, max_values // max(1, math.prod(entry.shape[1:])))
-        handle = self._handle(entry.file).get_slice(name)
         bad = nan = 0
         for start in range(0, entry.shape[0], step):
-            value = handle[start:start + step]
+            value = self._read(entry, start, min(start + step, entry.shape[0]))
             chunk_bad, chunk_nan = _non_finite(value)
             bad, nan = bad + chunk_bad, nan + chunk_nan
             yield value.to(dtype)

@@ -97,7 +97,7 @@ ROPE_TABLES = "blocks/rope.data"
 
 def export_package(source: str, out_dir: Path, force: bool = False, structure_only: bool = False,
                    target: str = "portable", recipe: str | None = None, budget_bits: float | None = None,
-                   calibration: Path | None = None) -> Path:
+                   calibration: Path | None = None, calibration_tokens: int | None = None) -> Path:
     """Export ``source``. ``target`` "portable" keeps the ai.gemma4 functions (any runtime); "ort" swaps in
     onnxruntime's fused kernels where they fit (``graphs.lower_ort``). With ``structure_only`` the graphs,
     signatures and cache layout are written but no weight data (full-size variants whose fp32 weights
@@ -109,9 +109,10 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
     if recipe is not None:
         if structure_only:
             raise UsageError("--recipe quantizes weights: it cannot be combined with --structure-only")
-        return export_quantized(source, Path(out_dir), recipe, force, target, budget_bits, calibration)
-    if budget_bits is not None or calibration is not None:
-        raise UsageError("--budget-bits and --calibration need --recipe")
+        return export_quantized(source, Path(out_dir), recipe, force, target, budget_bits, calibration,
+                                calibration_tokens)
+    if budget_bits is not None or calibration is not None or calibration_tokens is not None:
+        raise UsageError("--budget-bits, --calibration and --calibration-tokens need --recipe")
     weights = open_source(source)
     with publish_dir(Path(out_dir), force=force, needed_bytes=None if structure_only else fp32_bytes(weights)) \
             as staging:
@@ -120,12 +121,14 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
 
 
 def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = False, target: str = "portable",
-                     budget_bits: float | None = None, calibration: Path | None = None) -> Path:
+                     budget_bits: float | None = None, calibration: Path | None = None,
+                     calibration_tokens: int | None = None) -> Path:
     """``export --recipe``: the graphs are traced into a scratch folder with no weight data, then quantized
     block by block, each weight read from ``source`` when the quantizer needs it (``StreamedTensors``):
     float weights are never written, and at most one layer's are in memory. The steps and values are
     those of ``quantize`` on a float export, so the package is the same, byte for byte."""
     from gemma4_onnx.quantize.apply import QuantizeJob
+    from gemma4_onnx.quantize.calibration import token_limit
     from gemma4_onnx.quantize.float_tensors import StreamedTensors
     from gemma4_onnx.quantize.recipe import load_recipe
 
@@ -133,6 +136,7 @@ def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = Fals
     load_recipe(recipe, budget_bits)  # a bad recipe or input is refused before minutes of tracing
     if calibration is not None and not calibration.is_file():
         raise UsageError(f"--calibration {calibration} does not exist")
+    tokens = token_limit(calibration_tokens)
     out = Path(out_dir).absolute()
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +145,7 @@ def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = Fals
         writer = _Writer(scratch, False, target, deferred=True)
         _write_package(weights, writer, False)
         job = QuantizeJob(scratch, read_manifest(scratch), StreamedTensors(writer.loaders), recipe, budget_bits,
-                          calibration)
+                          calibration, tokens)
         return job.publish(out, force, fp32_bytes(weights), {"source_package": None},
                            resume_key=json.dumps([_source_key(weights), target], sort_keys=True))
     finally:

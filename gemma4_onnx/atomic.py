@@ -201,7 +201,7 @@ def publish_resumable(target: Path, key: str, force: bool = False, needed_bytes:
         state.write_text(key)
     try:
         yield staging
-        shutil.rmtree(staging / RESUME_STATE)
+        shutil.rmtree(staging / RESUME_STATE, ignore_errors=True)
         fsync_tree(staging)
         replace_dir(staging, target)
         fsync_dir(target.parent)

@@ -50,7 +50,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_package(args.source, Path(args.out_dir), force=args.force, structure_only=args.structure_only,
                          target=args.target, recipe=args.recipe, budget_bits=args.budget_bits,
-                         calibration=Path(args.calibration) if args.calibration else None)
+                         calibration=Path(args.calibration) if args.calibration else None,
+                         calibration_tokens=args.calibration_tokens)
     say(f"package: {out}")
     return 0
 
@@ -88,7 +89,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     calibration = Path(args.calibration) if args.calibration else None
     out = quantize_package(Path(args.model_dir), Path(args.out_dir), args.recipe, force=args.force,
-                           calibration=calibration, budget_bits=args.budget_bits)
+                           calibration=calibration, budget_bits=args.budget_bits,
+                           calibration_tokens=args.calibration_tokens)
     say(f"quantized package: {out}")
     return 0
 
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "FILE.toml")
     p.add_argument("--budget-bits", type=float, help="with --recipe: as for quantize")
     p.add_argument("--calibration", help="with --recipe: as for quantize")
+    p.add_argument("--calibration-tokens", type=int, help="with --recipe: as for quantize")
     p.add_argument("--force", action="store_true")
     p.add_argument("--target", choices=["portable", "ort"], default="portable",
                    help="portable: ai.gemma4 functions (any runtime); ort: onnxruntime's fused kernels where they fit")
@@ -177,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--recipe", default="int4")
     p.add_argument("--calibration", help="text file for calibrated algorithms (default: built-in code text)")
+    p.add_argument("--calibration-tokens", type=int,
+                   help="calibration text tokens GPTQ's statistics are gathered over (default 16384; the cost of "
+                        "gathering them grows with this, at full size it is minutes)")
     p.add_argument("--budget-bits", type=float,
                    help="average stored bits per linear weight to spend on the most sensitive tensors (needed by auto)")
     p.add_argument("--force", action="store_true")

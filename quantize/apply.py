@@ -39,7 +39,7 @@ from gemma4_onnx.graphs.topk_moe import NBITS
 from gemma4_onnx.progress import progress, say
 from gemma4_onnx.quantize.blockwise import average_bits, bits_per_weight, blockwise
 from gemma4_onnx.quantize.budget import spend, upgradable
-from gemma4_onnx.quantize.calibration import HessianWalk
+from gemma4_onnx.quantize.calibration import HessianWalk, token_limit
 from gemma4_onnx.quantize.experts import (
     DOWN,
     GATE_UP,
@@ -351,7 +351,8 @@ def _initializer_shapes(source: Path, files: list[str]) -> dict[str, tuple[int, 
 
 
 def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bool = False,
-                     calibration: Path | None = None, budget_bits: float | None = None) -> Path:
+                     calibration: Path | None = None, budget_bits: float | None = None,
+                     calibration_tokens: int | None = None) -> Path:
     source = Path(model_dir)
     manifest = read_manifest(source)
     check_files_present(source, manifest)
@@ -360,7 +361,8 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
                          "float export instead")
     if not has_weights(manifest):
         raise UsageError(f"{source} is a structure-only package: it has no weights to quantize")
-    job = QuantizeJob(source, manifest, PackageTensors(source), recipe_spec, budget_bits, calibration)
+    job = QuantizeJob(source, manifest, PackageTensors(source), recipe_spec, budget_bits, calibration,
+                      calibration_tokens)
     float_bytes = sum(int(entry["bytes"]) for entry in manifest["files"].values())
     return job.publish(Path(out_dir), force, float_bytes, {"source_package": str(source.resolve())}, remember=True)
 
@@ -371,7 +373,7 @@ class QuantizeJob:
     weights are never written (the same steps on the same values: both give identical bytes)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], tensors: FloatTensors, recipe_spec: str,
-                 budget_bits: float | None, calibration: Path | None) -> None:
+                 budget_bits: float | None, calibration: Path | None, calibration_tokens: int | None = None) -> None:
         self.root, self.manifest, self.tensors = root, manifest, tensors
         self.recipe = load_recipe(recipe_spec, budget_bits)
         self.asked_budget = budget_bits is not None
@@ -381,6 +383,7 @@ class QuantizeJob:
         if calibration is not None and not calibration.is_file():
             raise UsageError(f"--calibration {calibration} does not exist")
         self.calibration = calibration
+        self.calibration_tokens = token_limit(calibration_tokens)
 
     def publish(self, out_dir: Path, force: bool, float_bytes: int, provenance: dict[str, Any],
                 remember: bool = False, content: dict[str, Any] | None = None, resume_key: str | None = None) -> Path:
@@ -397,7 +400,8 @@ class QuantizeJob:
             with publish_dir(out, force=force, needed_bytes=needed) as staging:
                 self._write(staging, text, None, remember, provenance, content)
             return out
-        key = hashlib.sha256(json.dumps([resume_key, __version__, self.recipe.name, self.recipe.description,
+        key = hashlib.sha256(json.dumps([resume_key, __version__, self.calibration_tokens, self.recipe.name,
+                                         self.recipe.description,
                                          self.recipe.budget_bits, [e.as_dict() for e in self.plan],
                                          hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()],
                                         sort_keys=True).encode()).hexdigest()
@@ -461,7 +465,7 @@ class QuantizeJob:
         finally:
             quantizer.writer.close()
         if walk is not None and walk.keep:
-            remember_result("hessians", self.root, text, frozenset(calibrated), walk)
+            remember_result("hessians", self.root, text, (frozenset(calibrated), self.calibration_tokens), walk)
         for entry_graph in graph_entries({"graphs": graphs}):
             entry_graph.update(signatures[entry_graph["file"]])
         for name in self.manifest["files"]:
@@ -476,18 +480,22 @@ class QuantizeJob:
             "precision": f"quantized ({recipe.name})",
             "quantization": {"recipe": recipe.name, "description": recipe.description,
                              "calibration": (str(self.calibration) if self.calibration else "built-in")
-                             if calibrated else None, **provenance, "plan": plan_json,
+                             if calibrated else None,
+                             "calibration_tokens": self.calibration_tokens if calibrated else None,
+                             **provenance, "plan": plan_json,
                              "avg_bits_per_linear_weight": average_bits(plan),
                              "budget_bits": recipe.budget_bits, "sensitivity": sensitivity or None},
         })
+        if resume:
+            resume.finish()  # not part of the package
         write_manifest(staging, out)
 
     def _hessians(self, calibrated: set[str], text: str, keep: bool) -> HessianWalk:
         if keep:
-            kept = recall("hessians", self.root, text, frozenset(calibrated))
+            kept = recall("hessians", self.root, text, (frozenset(calibrated), self.calibration_tokens))
             if kept is not None:
                 return kept
-        return HessianWalk(self.root, self.manifest, self.tensors, calibrated, text, keep)
+        return HessianWalk(self.root, self.manifest, self.tensors, calibrated, text, self.calibration_tokens, keep)
 
     def _ordered(self) -> list[str]:
         """Blocks in layer order first (each calibrated just before it is quantized), then the decoder (the LM

@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.geometry import LayerSpec, text_geometry
 from gemma4_onnx.quantize.experts import DOWN, GATE_UP, is_topk_moe
 from gemma4_onnx.quantize.float_tensors import FloatTensors
 from gemma4_onnx.quantize.graph_session import WeightFedSession, subgraph
 
 WINDOW = 512
+CARRIED = ("hidden_states_out", "published_key", "published_value")  # what a block hands on (``advance``)
 MAX_TOKENS = 16384
 HEAD_WEIGHT = "model.language_model.embed_tokens.weight"
 
@@ -34,11 +36,20 @@ def linear_inputs(model: onnx.ModelProto, weights: set[str]) -> dict[str, str]:
             if n.op_type == "MatMul" and n.input[1] in transposed}
 
 
-def calibration_tokens(package: Path, text: str) -> list[int]:
+def token_limit(asked: int | None) -> int:
+    """``--calibration-tokens``: the default, or a positive count."""
+    if asked is None:
+        return MAX_TOKENS
+    if asked < 1:
+        raise UsageError(f"--calibration-tokens must be ≥ 1, got {asked}")
+    return asked
+
+
+def calibration_tokens(package: Path, text: str, limit: int = MAX_TOKENS) -> list[int]:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(package / "tokenizer.json"))
-    return list(tokenizer.encode(text, add_special_tokens=False).ids)[:MAX_TOKENS]
+    return list(tokenizer.encode(text, add_special_tokens=False).ids)[:limit]
 
 
 def _graph_dir(file: str) -> str:
@@ -133,9 +144,9 @@ class HessianWalk:
     results stay for a later recipe on the same package (small packages only: they are [K, K] float64)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], tensors: FloatTensors, weights: set[str],
-                 text: str, keep: bool = False) -> None:
+                 text: str, tokens: int = MAX_TOKENS, keep: bool = False) -> None:
         self.weights = weights
-        self.walk = BlockWalk(root, manifest, tensors, calibration_tokens(root, text))
+        self.walk = BlockWalk(root, manifest, tensors, calibration_tokens(root, text, tokens))
         self.keep = keep
         self.done: dict[int | str, dict[str, np.ndarray]] = {}
 
@@ -153,13 +164,14 @@ class HessianWalk:
         for window in self.walk.windows():
             values = block.run_all(self.walk.feeds(spec, window))
             for name in set(inputs.values()):
-                x = values[name].reshape(-1, values[name].shape[-1]).astype(np.float64)
-                sums[name] = sums.get(name, 0) + x.T @ x
+                x = values[name].reshape(-1, values[name].shape[-1])
+                sums[name] = sums.get(name, 0) + (x.T @ x).astype(np.float64)  # float32 products, float64 sums
             for layer in moe:
                 layer.add(*(values[name] for name in layer.inputs))
-            outputs.append(values)
+            outputs.append({k: v for k, v in values.items() if k in CARRIED})
         self.walk.advance(spec, outputs)
-        hessians = {weight: sums[activation] for weight, activation in inputs.items()}
+        # float32 from here (GPTQ factorizes in float32): E2B's double-wide down_proj H takes 0.6 GB, not 1.2
+        hessians = {weight: sums[activation].astype(np.float32) for weight, activation in inputs.items()}
         for layer in moe:
             hessians.update(layer.hessians())
         if self.keep:
@@ -179,10 +191,10 @@ class HessianWalk:
         total: np.ndarray | int = 0
         for hidden in self.walk.hidden:
             (x,) = session.run([activation], {last: hidden})
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            total = total + x.T @ x
+            x = x.reshape(-1, x.shape[-1])
+            total = total + (x.T @ x).astype(np.float64)
         assert isinstance(total, np.ndarray)
-        self.done["head"] = {HEAD_WEIGHT: total}
+        self.done["head"] = {HEAD_WEIGHT: total.astype(np.float32)}
         return self.done["head"]
 
 

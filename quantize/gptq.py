@@ -2,7 +2,8 @@
 quantized, weighted by the layer's input statistics H = Σ xᵀx over calibration text (Frantar et al.,
 2022). onnxruntime ships a GPTQ (``neural_compressor.weight_only.gptq``) but it returns only the
 fake-quantized weights, not the integer codes, scales and zero points MatMulNBits stores: this one
-returns those, and follows the same algorithm (damping 1 % of the mean diagonal, lazy batches)."""
+returns those, and follows the same algorithm (damping 1 % of the mean diagonal, lazy batches, float32).
+Its cost is about K³ per weight (the factorization of H): 6 s for K = 12288 on two cores."""
 
 import numpy as np
 
@@ -47,20 +48,15 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     [..., N, K'/block], with K padded to K' (a multiple of ``block``) by zero columns, as MatMulNBits pads.
     Leading axes are independent problems (the experts of a MoE layer), solved together."""
     pad = -weight.shape[-1] % block
-    w = np.pad(weight.astype(np.float64), [(0, 0)] * (weight.ndim - 1) + [(0, pad)])
-    # a fresh copy (astype copies), changed in place; at most two [K, K] float64 arrays live at once
-    h = np.pad(hessian.astype(np.float64), [(0, 0)] * (hessian.ndim - 2) + [(0, pad), (0, pad)])
+    w = np.pad(weight.astype(np.float32), [(0, 0)] * (weight.ndim - 1) + [(0, pad)])
     k = w.shape[-1]
     top = (1 << bits) - 1
-    diagonal = np.diagonal(h, axis1=-2, axis2=-1).copy()
+    diagonal = np.pad(np.diagonal(hessian, axis1=-2, axis2=-1), [(0, 0)] * (hessian.ndim - 2) + [(0, pad)])
     dead = diagonal == 0
-    w = np.where(dead[..., None, :], 0.0, w)
+    w = np.where(dead[..., None, :], 0.0, w).astype(np.float32)
     diagonal = np.where(dead, 1.0, diagonal)
     diagonal += DAMPING * diagonal.mean(axis=-1, keepdims=True)
-    h[..., np.arange(k), np.arange(k)] = diagonal
-    h = np.linalg.inv(h)
-    h_inv = np.swapaxes(np.linalg.cholesky(h), -1, -2)  # upper Cholesky factor of H⁻¹
-    del h
+    h_inv = _inverse_cholesky(hessian, diagonal, pad)
     codes = np.zeros(w.shape, dtype=np.uint8)
     scales = np.zeros((*w.shape[:-1], k // block))
     zeros = np.zeros_like(scales)
@@ -83,3 +79,17 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
             errors[..., i] = error
         w[..., end:] -= errors @ h_inv[..., start:end, end:]
     return codes, scales, zeros
+
+
+def _inverse_cholesky(hessian: np.ndarray, diagonal: np.ndarray, pad: int) -> np.ndarray:
+    """The upper Cholesky factor of (H, padded, with ``diagonal``)⁻¹ in float32, through H's own Cholesky
+    factor (the GPTQ reference's steps: about K³ operations, against 2K³ for an explicit inverse)."""
+    import torch
+
+    h = torch.from_numpy(np.pad(hessian.astype(np.float32), [(0, 0)] * (hessian.ndim - 2) + [(0, pad), (0, pad)]))
+    h.diagonal(dim1=-2, dim2=-1).copy_(torch.from_numpy(diagonal.astype(np.float32)))
+    lower = torch.linalg.cholesky(h)
+    del h
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True).numpy()

@@ -4,6 +4,7 @@ Completed blocks' graphs and data files stay as written; the rest is written aga
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class ResumeState:
             walk.published = {layer: [(arrays[f"published.{layer}.{i}.key"], arrays[f"published.{layer}.{i}.value"])
                                       for i in range(len(walk.hidden))] for layer in state["published"]}
         walk.next_layer = int(state["next_layer"])
+
+    def finish(self) -> None:
+        shutil.rmtree(self.dir)
 
     def clear_unfinished(self, finished: set[str]) -> None:
         """Remove whatever an interrupted run wrote beyond the completed blocks (``finished`` files)."""
