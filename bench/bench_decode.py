@@ -114,14 +114,15 @@ def section(quick: bool) -> Section:
     from gemma4_onnx.exporter.init_checkpoint import init_checkpoint
     from gemma4_onnx.exporter.package import export_package
     from gemma4_onnx.progress import set_quiet
-    from gemma4_onnx.quantize.apply import quantize_package
+    from gemma4_onnx.quantize.job import quantize_package
 
     set_quiet(True)
     sources = {"tiny-e2b": None} if quick else {name: FIXTURES / name for name in ("e2b-mini", "moe-mini")}
     contexts = (16, 64) if quick else CONTEXTS
     runs = 2 if quick else 5
     bandwidth = read_bandwidth_gbs(256 if quick else 1024)
-    title = "Decode and prefill: fp32 / int8 / int4 packages vs transformers eager, and the roofline"
+    title = ("Decode and prefill: fp32 / int8 / int4 packages (portable and --target ort) vs transformers eager, "
+             "and the roofline")
     section = Section("decode", title, {
         "threads": f"onnxruntime default, torch {os.cpu_count()}", "decode steps per point": DECODE_STEPS,
         "contexts": list(contexts), "read bandwidth GB/s (median)": f"{np.median(bandwidth):.1f}"})
@@ -140,6 +141,10 @@ def section(quick: bool) -> Section:
             packages = {"fp32": fp32}
             for recipe in RECIPES:
                 packages[recipe] = quantize_package(fp32, root / f"{name}-{recipe}", recipe)
+            # --target ort (GroupQueryAttention, RotaryEmbedding where they fit) beside the portable graphs
+            packages["fp32 ort"] = export_package(str(checkpoint), root / f"{name}-fp32-ort", target="ort")
+            packages["int4 ort"] = export_package(str(checkpoint), root / f"{name}-int4-ort", target="ort",
+                                                  recipe="int4")
             runners: dict[str, Any] = {"eager": _Eager(checkpoint), **{k: OnnxRunner(p) for k, p in packages.items()}}
             tokens = list(np.random.default_rng(0).integers(10, 200, size=max(contexts)))
             results = _measure(runners, [int(t) for t in tokens], contexts, runs)

@@ -42,6 +42,20 @@ match = 'embed_tokens|embed_tokens_per_layer|vision_tower|audio_tower|embed_visi
 bits = 8
 """
 CLI = [sys.executable, "-m", "gemma4_onnx.cli"]
+# The CLI with one more variant registered: VARIANT cut to its first LAYERS layers (KV sharing scaled).
+SHALLOW_CLI = [sys.executable, "-c", """
+import sys
+from gemma4_onnx.cli import main
+from gemma4_onnx.exporter import variants
+base, layers = sys.argv.pop(1), int(sys.argv.pop(1))
+config = variants.variant_config(base)
+text = config["text_config"]
+shared = round(text["num_kv_shared_layers"] * layers / text["num_hidden_layers"])
+text.update(num_hidden_layers=layers, layer_types=text["layer_types"][:layers], num_kv_shared_layers=shared)
+variants.REGISTRY["shallow"] = variants.Variant("shallow", variants.get_variant(base).family, config)
+sys.exit(main(sys.argv[1:]))
+"""]
+SHALLOW_LAYERS = 8
 STREAMED = "export --recipe int4 (one pass)"
 STREAMED_GOAL_SECONDS = 20 * 60
 STREAMED_GOAL_RSS = 4 << 30
@@ -85,6 +99,10 @@ def section(quick: bool) -> Section:
         streamed_sizes = _sizes(streamed)
         shutil.rmtree(checkpoint)
         shutil.rmtree(streamed)
+        shallow = root / "fp32-shallow"
+        steps[f"export fp32, first {SHALLOW_LAYERS} layers"] = run_measured(
+            [*SHALLOW_CLI, variant, str(SHALLOW_LAYERS), "export", "shallow", str(shallow), "--quiet"])
+        shutil.rmtree(shallow)
         steps |= {
             "export fp32": run_measured([*CLI, "export", variant, str(fp32), "--quiet"]),
             "quantize int4 (RTN)": run_measured([*CLI, "quantize", str(fp32), str(int4), "--recipe", str(recipe),
@@ -120,6 +138,12 @@ def section(quick: bool) -> Section:
         f"{STREAMED} from the bf16 checkpoint: {one_pass['seconds'] / 60:.1f} min at "
         f"{one_pass['peak_rss_bytes'] / gib:.2f} GiB peak RSS (goal ≤ {STREAMED_GOAL_SECONDS // 60} min and "
         f"≤ {STREAMED_GOAL_RSS // gib} GiB: {'met' if within else 'not met'}).")
+    shallow_peak = steps[f"export fp32, first {SHALLOW_LAYERS} layers"]["peak_rss_bytes"]
+    deep_peak = steps["export fp32"]["peak_rss_bytes"]
+    section.findings.append(
+        f"Export memory along depth: {SHALLOW_LAYERS} layers {shallow_peak / gib:.2f} GiB, all layers "
+        f"{deep_peak / gib:.2f} GiB peak RSS, ratio {deep_peak / shallow_peak:.2f} (goal: flat, within 10 %: "
+        f"{'met' if deep_peak <= 1.1 * shallow_peak else 'not met'}).")
     bandwidth = section.figure("read bandwidth", "GB/s", read_bandwidth_gbs())
     decode_ms = section.figure("int4-rtn decode ms/token", "ms", decode["samples"], context=decode["context"])
     roofline_ms = weights / (bandwidth.median * 1e9) * 1e3

@@ -127,9 +127,9 @@ def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = Fals
     block by block, each weight read from ``source`` when the quantizer needs it (``StreamedTensors``):
     float weights are never written, and at most one layer's are in memory. The steps and values are
     those of ``quantize`` on a float export, so the package is the same, byte for byte."""
-    from gemma4_onnx.quantize.apply import QuantizeJob
     from gemma4_onnx.quantize.calibration import token_limit
     from gemma4_onnx.quantize.float_tensors import StreamedTensors
+    from gemma4_onnx.quantize.job import QuantizeJob
     from gemma4_onnx.quantize.recipe import load_recipe
 
     weights = open_source(source)

@@ -192,6 +192,9 @@ def publish_resumable(target: Path, key: str, force: bool = False, needed_bytes:
     remove_stale_staging(target)
     staging = partial_dir(target)
     state = staging / RESUME_STATE / "key"
+    writer = staging / RESUME_STATE / "pid"
+    if writer.is_file() and writer.read_text().isdigit() and _pid_alive(int(writer.read_text())):
+        raise UsageError(f"{target} is being written by another process (pid {writer.read_text()})")
     if staging.exists() and not (state.is_file() and state.read_text() == key):
         shutil.rmtree(staging)
     if not staging.exists():
@@ -199,6 +202,7 @@ def publish_resumable(target: Path, key: str, force: bool = False, needed_bytes:
             check_free_space(target.parent, needed_bytes)
         (staging / RESUME_STATE).mkdir(parents=True)
         state.write_text(key)
+    writer.write_text(str(os.getpid()))
     try:
         yield staging
         shutil.rmtree(staging / RESUME_STATE, ignore_errors=True)

@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from gemma4_onnx.quantize.apply import quantize_package
+    from gemma4_onnx.quantize.job import quantize_package
 
     calibration = Path(args.calibration) if args.calibration else None
     out = quantize_package(Path(args.model_dir), Path(args.out_dir), args.recipe, force=args.force,

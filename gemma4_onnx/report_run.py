@@ -9,7 +9,7 @@ from gemma4_onnx.exporter.init_checkpoint import init_checkpoint
 from gemma4_onnx.exporter.package import export_package
 from gemma4_onnx.parity_run import run_parity, write_report
 from gemma4_onnx.progress import say, set_quiet
-from gemma4_onnx.quantize.apply import quantize_package
+from gemma4_onnx.quantize.job import quantize_package
 from gemma4_onnx.quantize.recipe import BUILTIN
 from gemma4_onnx.runtime.report import write_report as render
 

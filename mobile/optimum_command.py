@@ -21,7 +21,7 @@ class Gemma4ExportCommand(BaseOptimumCLICommand):
         parser.add_argument("source", help="checkpoint directory or variant name")
         parser.add_argument("out_dir")
         parser.add_argument("--target", choices=["portable", "ort"], default="portable")
-        parser.add_argument("--recipe", help="quantize the export with this recipe (int8, int4, int4-mobile, FILE)")
+        parser.add_argument("--recipe", help="quantize while exporting (int8, int4, int4-mobile, FILE)")
         parser.add_argument("--mobile", action="store_true", help="also write OUT_DIR-mobile (ORT format)")
         parser.add_argument("--force", action="store_true")
 
@@ -29,10 +29,8 @@ class Gemma4ExportCommand(BaseOptimumCLICommand):
         from gemma4_onnx.cli import main
 
         args = self.args
-        exported = args.out_dir if not args.recipe else f"{args.out_dir}-float"
-        steps = [["export", args.source, exported, "--target", args.target]]
-        if args.recipe:
-            steps.append(["quantize", exported, args.out_dir, "--recipe", args.recipe])
+        steps = [["export", args.source, args.out_dir, "--target", args.target,
+                  *(["--recipe", args.recipe] if args.recipe else [])]]  # quantized in the same streaming pass
         if args.mobile:
             steps.append(["mobile", args.out_dir, f"{args.out_dir}-mobile"])
         for step in steps:

@@ -141,7 +141,7 @@ def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
 
 class HessianWalk:
     """Σ xᵀx per linear weight, one block at a time (``layer`` in layer order, then ``head``); with ``keep``,
-    results stay for a later recipe on the same package (small packages only: they are [K, K] float64)."""
+    results stay for a later recipe on the same package (small packages only: they are [K, K] float32)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], tensors: FloatTensors, weights: set[str],
                  text: str, tokens: int = MAX_TOKENS, keep: bool = False) -> None:
@@ -165,13 +165,12 @@ class HessianWalk:
             values = block.run_all(self.walk.feeds(spec, window))
             for name in set(inputs.values()):
                 x = values[name].reshape(-1, values[name].shape[-1])
-                sums[name] = sums.get(name, 0) + (x.T @ x).astype(np.float64)  # float32 products, float64 sums
+                _accumulate(sums, name, x.T @ x)
             for layer in moe:
                 layer.add(*(values[name] for name in layer.inputs))
             outputs.append({k: v for k, v in values.items() if k in CARRIED})
         self.walk.advance(spec, outputs)
-        # float32 from here (GPTQ factorizes in float32): E2B's double-wide down_proj H takes 0.6 GB, not 1.2
-        hessians = {weight: sums[activation].astype(np.float32) for weight, activation in inputs.items()}
+        hessians = {weight: sums[activation] for weight, activation in inputs.items()}
         for layer in moe:
             hessians.update(layer.hessians())
         if self.keep:
@@ -188,14 +187,22 @@ class HessianWalk:
         last = f"hidden_states.{self.walk.geometry.num_layers}"
         activation = linear_inputs(decoder, {HEAD_WEIGHT})[HEAD_WEIGHT]
         session = WeightFedSession(subgraph(decoder, [last], [activation]), self.walk.tensors, "", [])
-        total: np.ndarray | int = 0
+        sums: dict[str, np.ndarray] = {}
         for hidden in self.walk.hidden:
             (x,) = session.run([activation], {last: hidden})
             x = x.reshape(-1, x.shape[-1])
-            total = total + (x.T @ x).astype(np.float64)
-        assert isinstance(total, np.ndarray)
-        self.done["head"] = {HEAD_WEIGHT: total.astype(np.float32)}
+            _accumulate(sums, HEAD_WEIGHT, x.T @ x)
+        self.done["head"] = sums
         return self.done["head"]
+
+
+def _accumulate(sums: dict[str, np.ndarray], name: str, product: np.ndarray) -> None:
+    """Σ xᵀx in float32, in place (GPTQ factorizes in float32; E2B's double-wide down_proj H alone is
+    12288² values, 0.6 GB, and a sum that made new arrays would hold three of them)."""
+    if name in sums:
+        sums[name] += product
+    else:
+        sums[name] = product
 
 
 class ExpertStatistics:

@@ -30,7 +30,7 @@ SEED = int(os.environ.get("GEMMA4_ONNX_KILL_SEED", time.time_ns() % 100_000))
 SERVER = """
 import json, os, resource, sys
 from gemma4_onnx.cli import main
-import gemma4_onnx.exporter.package, gemma4_onnx.quantize.apply  # imported once, before any fork
+import gemma4_onnx.exporter.package, gemma4_onnx.quantize.job  # imported once, before any fork
 for line in sys.stdin:
     job = json.loads(line)
     pid = os.fork()
@@ -333,7 +333,7 @@ def test_quantize_twice_gives_byte_identical_files(server, fp32, tmp_path) -> No
 
 def test_export_and_quantize_check_the_space_they_need_first(fp32, tmp_path, monkeypatch) -> None:
     from gemma4_onnx.exporter.package import export_package
-    from gemma4_onnx.quantize.apply import quantize_package
+    from gemma4_onnx.quantize.job import quantize_package
 
     free = {}
 

@@ -11,7 +11,7 @@ import pytest
 from gemma4_onnx.atomic import partial_dir
 from gemma4_onnx.cli import main
 from gemma4_onnx.exporter.package import export_package
-from gemma4_onnx.quantize.apply import quantize_package
+from gemma4_onnx.quantize.job import quantize_package
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -39,16 +39,19 @@ def test_streaming_export_equals_export_then_quantize(source: str, exported, tmp
 def test_streaming_export_from_a_variant_name_runs(tmp_path: Path) -> None:
     from gemma4_onnx.runtime.text_model import TextModel
 
-    package = export_package("tiny-31b", tmp_path / "q", recipe="int8")
+    package = export_package("tiny-31b", tmp_path / "q", recipe="int8", calibration_tokens=1024)
     model = TextModel(package)
     assert model.forward([[2, 10, 11]], model.empty_cache(1)).shape == (1, 3, 320)
-    assert json.loads((package / "manifest.json").read_text())["source"]["kind"] == "random"
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["source"]["kind"] == "random" and manifest["quantization"]["calibration_tokens"] == 1024
 
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--recipe", "int4", "--structure-only"], "cannot be combined with --structure-only"),
     (["--budget-bits", "5"], "need --recipe"),
     (["--recipe", "int5"], "int5"),
+    (["--recipe", "int8", "--calibration-tokens", "0"], "--calibration-tokens must be ≥ 1"),
+    (["--recipe", "int8", "--calibration", "/no/such/text.txt"], "does not exist"),
 ])
 def test_bad_streaming_export_options_are_refused(extra: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

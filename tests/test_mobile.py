@@ -36,7 +36,7 @@ def mobile(exported, tmp_path_factory):
             source, _, recipe = name.partition(":")
             package = exported(source)[1]
             if recipe:
-                from gemma4_onnx.quantize.apply import quantize_package
+                from gemma4_onnx.quantize.job import quantize_package
 
                 package = quantize_package(package, root / f"{source}-{recipe}", recipe)
             made[name] = package, mobile_package(package, root / f"{source}-{recipe or 'fp32'}-mobile")

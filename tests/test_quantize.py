@@ -13,7 +13,8 @@ from gemma4_onnx.exporter.package import PLE_TABLE
 from gemma4_onnx.exporter.variants import variant_config
 from gemma4_onnx.graphs.external_data import PAGE, external_entries
 from gemma4_onnx.parity_run import run_parity
-from gemma4_onnx.quantize.apply import ple_bytes, quantize_package
+from gemma4_onnx.quantize.apply import ple_bytes
+from gemma4_onnx.quantize.job import quantize_package
 from gemma4_onnx.quantize.plan import resolve
 from gemma4_onnx.quantize.recipe import BUILTIN, Decision, load_recipe, parse_recipe
 from gemma4_onnx.runtime.text_model import TextModel

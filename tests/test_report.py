@@ -6,7 +6,7 @@ import pytest
 
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.parity_run import run_parity, write_report
-from gemma4_onnx.quantize.apply import quantize_package
+from gemma4_onnx.quantize.job import quantize_package
 from gemma4_onnx.runtime.report import write_report as render
 
 

@@ -36,7 +36,7 @@ def test_verify_accepts_an_export_and_reports_json(exported, tmp_path, capsys) -
 
 
 def test_verify_accepts_a_quantized_package(exported, tmp_path) -> None:
-    from gemma4_onnx.quantize.apply import quantize_package
+    from gemma4_onnx.quantize.job import quantize_package
 
     _, fp32 = exported("tiny-e2b")
     (tmp_path / "rtn.toml").write_text(RTN)
