@@ -36,6 +36,7 @@ from gemma4_onnx.quantize.experts import (
     quantize_experts,
 )
 from gemma4_onnx.quantize.float_tensors import FloatTensors
+from gemma4_onnx.quantize.gptq import reused_factors
 from gemma4_onnx.quantize.plan import Entry
 from gemma4_onnx.quantize.recipe import Decision
 
@@ -285,13 +286,14 @@ def blockwise_rows(chunks: Iterable[np.ndarray], rows: int, decision: Decision,
     are filled into preallocated arrays."""
     outputs: list[np.ndarray] = []
     start = 0
-    for chunk in chunks:
-        parts = blockwise(np.asarray(chunk, dtype=np.float32), decision, hessian)
-        if not outputs:
-            outputs = [np.empty((rows, *part.shape[1:]), part.dtype) for part in parts]
-        for output, part in zip(outputs, parts, strict=True):
-            output[start:start + len(part)] = part
-        start += len(chunk)
+    with reused_factors():
+        for chunk in chunks:
+            parts = blockwise(np.asarray(chunk, dtype=np.float32), decision, hessian)
+            if not outputs:
+                outputs = [np.empty((rows, *part.shape[1:]), part.dtype) for part in parts]
+            for output, part in zip(outputs, parts, strict=True):
+                output[start:start + len(part)] = part
+            start += len(chunk)
     assert start == rows, f"{start} rows read of {rows}"
     return outputs[0], outputs[1], outputs[2]
 

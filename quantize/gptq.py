@@ -5,6 +5,9 @@ fake-quantized weights, not the integer codes, scales and zero points MatMulNBit
 returns those, and follows the same algorithm (damping 1 % of the mean diagonal, lazy batches, float32).
 Its cost is about K³ per weight (the factorization of H): 6 s for K = 12288 on two cores."""
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 
 LAZY_BATCH = 128
@@ -54,9 +57,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     diagonal = np.pad(np.diagonal(hessian, axis1=-2, axis2=-1), [(0, 0)] * (hessian.ndim - 2) + [(0, pad)])
     dead = diagonal == 0
     w = np.where(dead[..., None, :], 0.0, w).astype(np.float32)
-    diagonal = np.where(dead, 1.0, diagonal)
-    diagonal += DAMPING * diagonal.mean(axis=-1, keepdims=True)
-    h_inv = _inverse_cholesky(hessian, diagonal, pad)
+    h_inv = _factor(hessian, dead, pad)
     codes = np.zeros(w.shape, dtype=np.uint8)
     scales = np.zeros((*w.shape[:-1], k // block))
     zeros = np.zeros_like(scales)
@@ -79,6 +80,36 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
             errors[..., i] = error
         w[..., end:] -= errors @ h_inv[..., start:end, end:]
     return codes, scales, zeros
+
+
+_reused: list[tuple[np.ndarray, int, np.ndarray]] | None = None  # inside ``reused_factors``: (H, pad, factor)
+
+
+@contextlib.contextmanager
+def reused_factors() -> Iterator[None]:
+    """Within it, the factorization of an H is kept while the same H comes back: a tall weight quantized a
+    chunk of rows at a time against one H (the tied LM head: 64 chunks of 4096 rows) factorizes it once."""
+    global _reused
+    _reused = []
+    try:
+        yield
+    finally:
+        _reused = None
+
+
+def _factor(hessian: np.ndarray, dead: np.ndarray, pad: int) -> np.ndarray:
+    """``_inverse_cholesky`` of the damped H."""
+    if _reused and _reused[0][0] is hessian and _reused[0][1] == pad:
+        return _reused[0][2]
+    diagonal = np.pad(np.diagonal(hessian, axis1=-2, axis2=-1), [(0, 0)] * (hessian.ndim - 2) + [(0, pad)])
+    diagonal = np.where(dead, 1.0, diagonal)
+    diagonal += DAMPING * diagonal.mean(axis=-1, keepdims=True)
+    if _reused is not None:
+        _reused.clear()  # the previous factor goes before the next is made
+    factor = _inverse_cholesky(hessian, diagonal, pad)
+    if _reused is not None:
+        _reused.append((hessian, pad, factor))
+    return factor
 
 
 def _inverse_cholesky(hessian: np.ndarray, diagonal: np.ndarray, pad: int) -> np.ndarray:
