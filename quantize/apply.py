@@ -14,7 +14,7 @@ ops read the same [V, H/block, block] layout.
 """
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -199,12 +199,24 @@ class Quantizer:
         names = quantized_names(tensor.name, decision)
         if names[0] not in self.writer.written:
             source, graph_dir = self.sources[tensor.name]
-            packed, scales, zero_points = blockwise_rows(self.tensors.row_chunks(source, graph_dir), rows, decision)
-            if decision.bits == 4:  # one zero point per byte here: the graph gathers them unpacked
-                zero_points = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)
-            zero_points = zero_points[:, : width // block]
-            self._write(names, (packed.reshape(rows, -1), scales.astype(np.float16), zero_points),
-                        self._location(tensor.name))
+            scales: list[np.ndarray] = []
+            zero_points: list[np.ndarray] = []
+
+            def codes() -> Iterator[np.ndarray]:
+                """The codes, written as each chunk of rows is quantized (E2B's table: 2.35 GB at int8)."""
+                for chunk in self.tensors.row_chunks(source, graph_dir):
+                    packed, chunk_scales, chunk_zeros = blockwise(np.asarray(chunk, dtype=np.float32), decision)
+                    if decision.bits == 4:  # one zero point per byte here: the graph gathers them unpacked
+                        chunk_zeros = np.stack([chunk_zeros & 15, chunk_zeros >> 4], -1).reshape(len(chunk), -1)
+                    scales.append(chunk_scales.astype(np.float16))
+                    zero_points.append(chunk_zeros[:, : width // block])
+                    yield packed.reshape(len(chunk), -1)
+
+            assert decision.bits is not None
+            location = self._location(tensor.name)
+            self.writer.add(names[0], location, codes, (rows, width * decision.bits // 8), np.uint8)
+            self.quantized_names.append(names[0])
+            self._write(names[1:], (np.concatenate(scales), np.concatenate(zero_points)), location)
         out, ids = gather.output[0], gather.input[1]
         p = f"{gather.name or out}.dequant"
         consts: dict[str, np.ndarray] = {f"{p}.blocks_shape": np.array([0, 0, width // block, block], np.int64),
