@@ -14,6 +14,13 @@ from gemma4_onnx.atomic import RESUME_STATE
 from gemma4_onnx.quantize.calibration import BlockWalk
 
 
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with path.open("wb") as file:
+        np.savez(file, **arrays)  # type: ignore[arg-type]
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def _replace(path: Path, write: Callable[[Path], object]) -> None:
     temporary = path.with_name(path.name + ".new")
     write(temporary)
@@ -33,31 +40,35 @@ class ResumeState:
         _replace(self.dir / "sensitivity.json", lambda p: p.write_text(json.dumps(sensitivity)))
 
     def layers_done(self) -> int:
-        path = self.dir / "walk.json"
-        return int(json.loads(path.read_text())["next_layer"]) if path.is_file() else 0
+        walk, done = self.dir / "walk.npz", self.dir / "done.json"
+        if walk.is_file():
+            with np.load(walk) as arrays:
+                return int(arrays["next_layer"])
+        return int(json.loads(done.read_text())["next_layer"]) if done.is_file() else 0
 
     def save_walk(self, walk: BlockWalk) -> None:
-        """The activations after the last completed block; written before that block counts as done."""
+        """The activations after the last completed block, and its index, in one file replaced at once:
+        a block counts as done only when they are on disk."""
         arrays = {f"hidden.{i}": h for i, h in enumerate(walk.hidden)}
         for layer, pairs in walk.published.items():
             for i, (key, value) in enumerate(pairs):
                 arrays[f"published.{layer}.{i}.key"], arrays[f"published.{layer}.{i}.value"] = key, value
-        _replace(self.dir / "walk.npz", lambda p: np.savez(p.open("wb"), **arrays))  # type: ignore[arg-type]
-        _replace(self.dir / "walk.json", lambda p: p.write_text(json.dumps(
-            {"next_layer": walk.next_layer, "published": sorted(walk.published)})))
+        arrays["next_layer"] = np.array(walk.next_layer)
+        arrays["published"] = np.array(sorted(walk.published), dtype=np.int64)
+        _replace(self.dir / "walk.npz", lambda p: _save(p, arrays))
 
     def mark_done(self, next_layer: int) -> None:
         """Blocks before ``next_layer`` are complete (recipes that calibrate nothing carry no activations)."""
-        _replace(self.dir / "walk.json", lambda p: p.write_text(json.dumps({"next_layer": next_layer,
-                                                                             "published": []})))
+        _replace(self.dir / "done.json", lambda p: p.write_text(json.dumps({"next_layer": next_layer})))
 
     def restore_walk(self, walk: BlockWalk) -> None:
-        state = json.loads((self.dir / "walk.json").read_text())
         with np.load(self.dir / "walk.npz") as arrays:
-            walk.hidden = [arrays[f"hidden.{i}"] for i in range(len(walk.hidden))]
-            walk.published = {layer: [(arrays[f"published.{layer}.{i}.key"], arrays[f"published.{layer}.{i}.value"])
-                                      for i in range(len(walk.hidden))] for layer in state["published"]}
-        walk.next_layer = int(state["next_layer"])
+            windows = len(walk.hidden)
+            walk.hidden = [arrays[f"hidden.{i}"] for i in range(windows)]
+            walk.published = {int(layer): [(arrays[f"published.{layer}.{i}.key"],
+                                            arrays[f"published.{layer}.{i}.value"]) for i in range(windows)]
+                              for layer in arrays["published"]}
+            walk.next_layer = int(arrays["next_layer"])
 
     def finish(self) -> None:
         shutil.rmtree(self.dir)

@@ -12,6 +12,7 @@ from gemma4_onnx.atomic import partial_dir
 from gemma4_onnx.cli import main
 from gemma4_onnx.exporter.package import export_package
 from gemma4_onnx.quantize.job import quantize_package
+from gemma4_onnx.quantize.resume import ResumeState
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -61,13 +62,12 @@ def test_bad_streaming_export_options_are_refused(extra: list[str], message: str
 
 
 def _wait_for_block(partial: Path, layers: int, process: subprocess.Popen, limit: float = 300) -> None:
-    state = partial / ".resume" / "walk.json"
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            if json.loads(state.read_text())["next_layer"] >= layers:
+            if ResumeState(partial).layers_done() >= layers:
                 return
-        except (OSError, ValueError):
+        except OSError:  # the partial output is being created
             pass
         time.sleep(0.02)
     raise AssertionError(f"no block {layers} completed before the run ended or {limit} s")
