@@ -66,6 +66,8 @@ class BlockWalk:
         self.manifest = manifest
         self.tensors = tensors
         self.geometry = text_geometry(manifest["text_config"])
+        if not tokens:
+            raise UsageError("the calibration text gives no tokens")
         windows = [tokens[start:start + WINDOW] for start in range(0, len(tokens), WINDOW)]
         embedded = embedded_windows(root, manifest, tensors, windows)
         self.hidden = [e["inputs_embeds"] for e in embedded]

@@ -53,12 +53,15 @@ def test_streaming_export_from_a_variant_name_runs(tmp_path: Path) -> None:
     (["--recipe", "int5"], "int5"),
     (["--recipe", "int8", "--calibration-tokens", "0"], "--calibration-tokens must be ≥ 1"),
     (["--recipe", "int8", "--calibration", "/no/such/text.txt"], "does not exist"),
+    (["--recipe", "int8", "--calibration", "EMPTY"], "the calibration text gives no tokens"),
 ])
 def test_bad_streaming_export_options_are_refused(extra: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    extra = [str(tmp_path / "empty.txt") if e == "EMPTY" else e for e in extra]
     assert main(["export", "tiny-e2b", str(tmp_path / "out"), "--quiet", *extra]) == 2
     assert message in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
 
 
 def _wait_for_block(partial: Path, layers: int, process: subprocess.Popen, limit: float = 300) -> None:
