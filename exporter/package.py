@@ -127,16 +127,11 @@ def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = Fals
     block by block, each weight read from ``source`` when the quantizer needs it (``StreamedTensors``):
     float weights are never written, and at most one layer's are in memory. The steps and values are
     those of ``quantize`` on a float export, so the package is the same, byte for byte."""
-    from gemma4_onnx.quantize.calibration import token_limit
     from gemma4_onnx.quantize.float_tensors import StreamedTensors
-    from gemma4_onnx.quantize.job import QuantizeJob
-    from gemma4_onnx.quantize.recipe import load_recipe
+    from gemma4_onnx.quantize.job import QuantizeJob, quantize_options
 
     weights = open_source(source)
-    load_recipe(recipe, budget_bits)  # a bad recipe or input is refused before minutes of tracing
-    if calibration is not None and not calibration.is_file():
-        raise UsageError(f"--calibration {calibration} does not exist")
-    tokens = token_limit(calibration_tokens)
+    quantize_options(recipe, budget_bits, calibration, calibration_tokens)  # refused before minutes of tracing
     out = Path(out_dir).absolute()
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +140,7 @@ def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = Fals
         writer = _Writer(scratch, False, target, deferred=True)
         _write_package(weights, writer, False)
         job = QuantizeJob(scratch, read_manifest(scratch), StreamedTensors(writer.loaders), recipe, budget_bits,
-                          calibration, tokens)
+                          calibration, calibration_tokens)
         return job.publish(out, force, fp32_bytes(weights), {"source_package": None},
                            resume_key=json.dumps([_source_key(weights), target], sort_keys=True))
     finally:

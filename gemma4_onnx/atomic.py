@@ -132,31 +132,49 @@ def check_free_space(directory: Path, needed: int) -> None:
                             f"{_size(free)} free")
 
 
+def _prepare(target: Path, force: bool) -> Path:
+    """``target`` made absolute, checked, its parent created and stale staging beside it removed."""
+    target = Path(target).absolute()
+    check_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
+    return target
+
+
+@contextlib.contextmanager
+def _publishing(staging: Path, target: Path, needed_bytes: int | None, keep_if_interrupted: bool) -> Iterator[Path]:
+    """Yield ``staging``; on success it replaces ``target`` atomically, on failure it is removed (kept on
+    Ctrl-C where ``keep_if_interrupted``) and ``target`` is left as it was."""
+    try:
+        yield staging
+        fsync_tree(staging)
+        replace_dir(staging, target)
+        fsync_dir(target.parent)
+    except KeyboardInterrupt:
+        if not keep_if_interrupted:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except OSError as exc:
+        raise _removed_after(exc, staging, target, needed_bytes) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 @contextlib.contextmanager
 def publish_dir(target: Path, force: bool = False, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a fresh staging directory; on success it replaces ``target`` atomically, on failure it is
     removed and ``target`` is left as it was. ``needed_bytes``, where the caller can estimate it, is
     checked against the free space first."""
-    target = Path(target).absolute()
-    check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target)
+    target = _prepare(target, force)
     if needed_bytes is not None:
         check_free_space(target.parent, needed_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
-    try:
+    with _publishing(staging, target, needed_bytes, keep_if_interrupted=False):
         yield staging
-        fsync_tree(staging)
-        replace_dir(staging, target)
-        fsync_dir(target.parent)
-    except OSError as exc:
-        raise _removed_after(exc, staging, target, needed_bytes) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _removed_after(exc: OSError, staging: Path, target: Path, needed_bytes: int | None) -> Exception:
@@ -185,11 +203,9 @@ def publish_resumable(target: Path, key: str, force: bool = False, needed_bytes:
     """``publish_dir`` for long writers that can pick up where an interrupted run stopped: the staging
     directory is ``partial_dir(target)``, kept when the run is interrupted (Ctrl-C, a kill, a crash of
     the machine) and reused by the next run whose ``key`` (what it would write) is the same; a different
-    key starts afresh. Any other failure removes it, as ``publish_dir`` does."""
-    target = Path(target).absolute()
-    check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target)
+    key starts afresh. Any other failure removes it, as ``publish_dir`` does. The writer removes its
+    ``RESUME_STATE`` folder before the staging directory is published."""
+    target = _prepare(target, force)
     staging = partial_dir(target)
     state = staging / RESUME_STATE / "key"
     writer = staging / RESUME_STATE / "pid"
@@ -203,16 +219,5 @@ def publish_resumable(target: Path, key: str, force: bool = False, needed_bytes:
         (staging / RESUME_STATE).mkdir(parents=True)
         state.write_text(key)
     writer.write_text(str(os.getpid()))
-    try:
+    with _publishing(staging, target, needed_bytes, keep_if_interrupted=True):
         yield staging
-        shutil.rmtree(staging / RESUME_STATE, ignore_errors=True)
-        fsync_tree(staging)
-        replace_dir(staging, target)
-        fsync_dir(target.parent)
-    except KeyboardInterrupt:
-        raise
-    except OSError as exc:
-        raise _removed_after(exc, staging, target, needed_bytes) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+Loader = Callable[[], np.ndarray | Iterator[np.ndarray]]  # an array, or consecutive chunks of it
 PAGE = 1 << 16  # 64 KiB: mmap granularity on Windows, a multiple of the 4 KiB page elsewhere
 SMALL_ALIGN = 64
 LARGE_TENSOR_BYTES = 1 << 20
@@ -98,9 +99,9 @@ class PackageWriter:
         self.files: dict[str, DataFile] = {}
         self.written: dict[str, TensorProto] = {}
         # structure only: what would have been written, for a later reader (``export --recipe``)
-        self.loaders: dict[str, tuple[Callable[[], np.ndarray | Iterator[np.ndarray]], tuple[int, ...], np.dtype]] = {}
+        self.loaders: dict[str, tuple[Loader, tuple[int, ...], np.dtype]] = {}
 
-    def add(self, name: str, location: str, load: Callable[[], np.ndarray | Iterator[np.ndarray]],
+    def add(self, name: str, location: str, load: Loader,
             shape: tuple[int, ...] | None = None, dtype: np.dtype | type = np.float32) -> TensorProto:
         """Write ``load()`` (or, structure only, reserve ``shape``) under ``name`` into ``location``.
         ``load`` returns the array, or an iterator of consecutive chunks of it (``shape`` then required)."""

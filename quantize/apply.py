@@ -202,7 +202,7 @@ class Quantizer:
             scales: list[np.ndarray] = []
             zero_points: list[np.ndarray] = []
 
-            def codes() -> Iterator[np.ndarray]:
+            def packed_rows() -> Iterator[np.ndarray]:
                 """The codes, written as each chunk of rows is quantized (E2B's table: 2.35 GB at int8)."""
                 for chunk in self.tensors.row_chunks(source, graph_dir):
                     packed, chunk_scales, chunk_zeros = blockwise(np.asarray(chunk, dtype=np.float32), decision)
@@ -214,7 +214,7 @@ class Quantizer:
 
             assert decision.bits is not None
             location = self._location(tensor.name)
-            self.writer.add(names[0], location, codes, (rows, width * decision.bits // 8), np.uint8)
+            self.writer.add(names[0], location, packed_rows, (rows, width * decision.bits // 8), np.uint8)
             self.quantized_names.append(names[0])
             self._write(names[1:], (np.concatenate(scales), np.concatenate(zero_points)), location)
         out, ids = gather.output[0], gather.input[1]

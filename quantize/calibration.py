@@ -21,6 +21,7 @@ from gemma4_onnx.exporter.geometry import LayerSpec, text_geometry
 from gemma4_onnx.quantize.experts import DOWN, GATE_UP, is_topk_moe
 from gemma4_onnx.quantize.float_tensors import FloatTensors
 from gemma4_onnx.quantize.graph_session import WeightFedSession, subgraph
+from gemma4_onnx.runtime.package_files import graph_dir
 
 WINDOW = 512
 CARRIED = ("hidden_states_out", "published_key", "published_value")  # what a block hands on (``advance``)
@@ -52,10 +53,6 @@ def calibration_tokens(package: Path, text: str, limit: int = MAX_TOKENS) -> lis
     return list(tokenizer.encode(text, add_special_tokens=False).ids)[:limit]
 
 
-def _graph_dir(file: str) -> str:
-    return str(Path(file).parent) if "/" in file else ""
-
-
 class BlockWalk:
     """Calibration windows carried through the decoder one block at a time, in layer order. Each block runs
     on its float weights fed as inputs, so the graph and kernels are the same whichever source (a float
@@ -75,10 +72,10 @@ class BlockWalk:
         self.published: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.next_layer = 0
 
-    def block(self, spec: LayerSpec, extra_outputs: list[str] | None = None) -> WeightFedSession:
+    def block(self, spec: LayerSpec) -> WeightFedSession:
         entry = next(b for b in self.manifest["graphs"]["blocks"] if b["layer"] == spec.index)
         model = onnx.load(self.root / entry["file"], load_external_data=False)
-        return WeightFedSession(model, self.tensors, _graph_dir(entry["file"]), extra_outputs or [])
+        return WeightFedSession(model, self.tensors, graph_dir(entry["file"]))
 
     def feeds(self, spec: LayerSpec, window: int) -> dict[str, np.ndarray]:
         hidden = self.hidden[window]
@@ -128,7 +125,7 @@ def embedded_windows(root: Path, manifest: dict[str, Any], tensors: FloatTensors
         code += 1
     renumber = dict(zip(used.tolist(), dense, strict=True))
     tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and _int_attribute(n, "axis", 0) == 0}
-    session = WeightFedSession(model, tensors, "", [], cut_tables={t: (used, np.array(dense)) for t in tables})
+    session = WeightFedSession(model, tensors, "", cut_tables={t: (used, np.array(dense)) for t in tables})
     names = [o.name for o in model.graph.output]
     out = []
     for ids in text_ids:
@@ -188,7 +185,7 @@ class HessianWalk:
         decoder = onnx.load(self.walk.root / manifest["graphs"]["decoder"]["file"], load_external_data=False)
         last = f"hidden_states.{self.walk.geometry.num_layers}"
         activation = linear_inputs(decoder, {HEAD_WEIGHT})[HEAD_WEIGHT]
-        session = WeightFedSession(subgraph(decoder, [last], [activation]), self.walk.tensors, "", [])
+        session = WeightFedSession(subgraph(decoder, [last], [activation]), self.walk.tensors, "")
         sums: dict[str, np.ndarray] = {}
         for hidden in self.walk.hidden:
             (x,) = session.run([activation], {last: hidden})

@@ -7,17 +7,16 @@ quantized after its export and one quantized while exporting hold identical byte
 """
 
 import mmap
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import onnx
 
-from gemma4_onnx.graphs.external_data import external_entries
+from gemma4_onnx.graphs.external_data import Loader, external_entries
 
 ROW_CHUNK = 4096
-Loader = Callable[[], np.ndarray | Iterator[np.ndarray]]
 
 
 class FloatTensors(Protocol):

@@ -27,7 +27,7 @@ def _cut_rows(tensors: FloatTensors, tensor: onnx.TensorProto, graph_dir: str, r
 
 
 class WeightFedSession:
-    def __init__(self, model: onnx.ModelProto, tensors: FloatTensors, graph_dir: str, extra_outputs: list[str],
+    def __init__(self, model: onnx.ModelProto, tensors: FloatTensors, graph_dir: str,
                  cut_tables: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         """``cut_tables``: table name → (rows, at): feed only those rows (see ``_cut_rows``)."""
         self.model = onnx.ModelProto()
@@ -47,7 +47,7 @@ class WeightFedSession:
                 tensor.name, tensor.data_type, [None] * len(tensor.dims)))
         del graph.initializer[:]
         graph.initializer.extend(kept)
-        self.expose(extra_outputs)
+        self._session: ort.InferenceSession | None = None  # made on first use, after ``expose``
 
     def expose(self, names: list[str]) -> None:
         """Intermediate values also returned by ``run_all``."""
@@ -55,7 +55,7 @@ class WeightFedSession:
         for name in names:
             if name not in present:
                 self.model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        self._session: ort.InferenceSession | None = None
+        self._session = None  # made on first use, after ``expose``
 
     @property
     def session(self) -> ort.InferenceSession:

@@ -32,10 +32,10 @@ from gemma4_onnx.quantize.calibration import HessianWalk, token_limit
 from gemma4_onnx.quantize.float_tensors import FloatTensors, PackageTensors
 from gemma4_onnx.quantize.memo import recall, remember_result, remembered
 from gemma4_onnx.quantize.plan import Entry, resolve
-from gemma4_onnx.quantize.recipe import load_recipe
+from gemma4_onnx.quantize.recipe import Recipe, load_recipe
 from gemma4_onnx.quantize.resume import ResumeState
 from gemma4_onnx.quantize.sensitivity import sensitivities
-from gemma4_onnx.runtime.package_files import graph_entries, has_weights
+from gemma4_onnx.runtime.package_files import graph_dir, graph_entries, graph_files, has_weights
 from gemma4_onnx.runtime.text_model import check_files_present
 
 
@@ -46,16 +46,26 @@ def quantized_bytes(float_bytes: int, plan: list[Entry]) -> int:
     return int(float_bytes + change)
 
 
-def _graph_files(manifest: dict[str, Any]) -> list[str]:
-    return [e["file"] for e in graph_entries(manifest)]
-
-
 def _initializer_shapes(source: Path, files: list[str]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         for tensor in onnx.load(source / file, load_external_data=False).graph.initializer:
             shapes.setdefault(tensor.name, tuple(tensor.dims))
     return shapes
+
+
+def quantize_options(recipe_spec: str, budget_bits: float | None, calibration: Path | None,
+                     calibration_tokens: int | None) -> tuple[Recipe, int]:
+    """The recipe and the calibration token count, or a one-line error for a bad recipe or input."""
+    recipe = load_recipe(recipe_spec, budget_bits)
+    if calibration is not None and not calibration.is_file():
+        raise UsageError(f"--calibration {calibration} does not exist")
+    return recipe, token_limit(calibration_tokens)
+
+
+def _block_data(block_graph: str) -> str:
+    """A block graph's own data file (``blocks/layer_NN.data`` beside ``blocks/layer_NN.onnx``)."""
+    return block_graph.removesuffix(".onnx") + ".data"
 
 
 def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bool = False,
@@ -83,15 +93,13 @@ class QuantizeJob:
     def __init__(self, root: Path, manifest: dict[str, Any], tensors: FloatTensors, recipe_spec: str,
                  budget_bits: float | None, calibration: Path | None, calibration_tokens: int | None = None) -> None:
         self.root, self.manifest, self.tensors = root, manifest, tensors
-        self.recipe = load_recipe(recipe_spec, budget_bits)
+        self.recipe, self.calibration_tokens = quantize_options(recipe_spec, budget_bits, calibration,
+                                                                calibration_tokens)
         self.asked_budget = budget_bits is not None
-        self.geometry = text_geometry(manifest["text_config"])
-        self.files = _graph_files(manifest)
-        self.plan = resolve(self.recipe, _initializer_shapes(root, self.files), self.geometry)
-        if calibration is not None and not calibration.is_file():
-            raise UsageError(f"--calibration {calibration} does not exist")
         self.calibration = calibration
-        self.calibration_tokens = token_limit(calibration_tokens)
+        self.geometry = text_geometry(manifest["text_config"])
+        self.files = graph_files(manifest)
+        self.plan = resolve(self.recipe, _initializer_shapes(root, self.files), self.geometry)
 
     def publish(self, out_dir: Path, force: bool, float_bytes: int, provenance: dict[str, Any],
                 remember: bool = False, resume_key: str | None = None) -> Path:
@@ -135,7 +143,7 @@ class QuantizeJob:
         walk = self._hessians(calibrated, text, remember and _small(plan, calibrated)) if calibrated else None
         done = resume.layers_done() if resume else 0
         finished = {f for b in self.manifest["graphs"]["blocks"] if b["layer"] < done
-                    for f in (b["file"], b["file"].removesuffix(".onnx") + ".data")}
+                    for f in (b["file"], _block_data(b["file"]))}
         if resume:
             resume.clear_unfinished(finished)
             if done:
@@ -148,16 +156,15 @@ class QuantizeJob:
         signatures: dict[str, Any] = {}
         try:
             for file in progress(self._ordered(), desc=f"quantizing ({recipe.name})", unit="graph"):
-                graph_dir = str(Path(file).parent) if "/" in file else ""
                 model = onnx.load(self.root / file, load_external_data=False)
                 if file in finished:  # written by the interrupted run
                     written = onnx.load(staging / file, load_external_data=False)
-                    quantizer.adopt(written, model, graph_dir)
+                    quantizer.adopt(written, model, graph_dir(file))
                     signatures[file] = graph_signature(written)
                     continue
                 if walk is not None:
                     quantizer.hessians = self._step(walk, file)
-                model = quantizer.rewrite(model, graph_dir)
+                model = quantizer.rewrite(model, graph_dir(file))
                 entry = model.metadata_props.add()
                 entry.key, entry.value = PLAN_KEY, json.dumps({"recipe": recipe.name, "plan": plan_json})
                 (staging / file).parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +172,7 @@ class QuantizeJob:
                 signatures[file] = graph_signature(model)
                 layer = self._layer_of(file)
                 if resume and layer is not None:
-                    quantizer.writer.finish(file.removesuffix(".onnx") + ".data")
+                    quantizer.writer.finish(_block_data(file))
                     if walk is not None:
                         resume.save_walk(walk.walk)
                     else:

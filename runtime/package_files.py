@@ -73,6 +73,11 @@ def graph_files(manifest: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(entry["file"] for entry in graph_entries(manifest)))
 
 
+def graph_dir(file: str) -> str:
+    """The package subfolder a graph file lies in ("" at the root): its external data is relative to it."""
+    return str(PurePosixPath(file).parent) if "/" in file else ""
+
+
 def safe_relative(directory: Path, name: str, what: str) -> PurePosixPath:
     """``name`` as a path that cannot leave the package: relative, no ``..``, no backslashes."""
     path = PurePosixPath(name)
