@@ -36,7 +36,7 @@ EXAMPLE_SEQUENCE = 3
 def layer_kind(spec: LayerSpec) -> tuple[Any, ...]:
     """Layers of one kind share a traced function: everything but the index and the weights."""
     return (spec.attention, spec.head_dim, spec.num_kv_heads, spec.k_eq_v, spec.kv_mode, spec.mlp_width,
-            spec.moe, spec.rope_theta, spec.rope_fraction)
+            spec.moe, spec.rope_theta, spec.rope_fraction, spec.image_blocks)
 
 
 class DecoderLayerBlock(nn.Module):
@@ -61,7 +61,8 @@ class DecoderLayerBlock(nn.Module):
     # --- signature ------------------------------------------------------------------------------------
     @property
     def activation_names(self) -> list[str]:
-        names = ["hidden_states", *(["per_layer_input"] if self.ple_dim else []), "position_ids"]
+        names = ["hidden_states", *(["per_layer_input"] if self.ple_dim else []), "position_ids",
+                 *(["image_blocks"] if self.spec.image_blocks else [])]
         if self.spec.owns_cache:
             return names + [f"past_{p}" for p in self.spec.cache_parts]
         return [*names, "shared_key", "shared_value"]
@@ -83,6 +84,7 @@ class DecoderLayerBlock(nn.Module):
             "hidden_states": (FLOAT, ["batch", "sequence", self.hidden_size]),
             "per_layer_input": (FLOAT, ["batch", "sequence", self.ple_dim]),
             "position_ids": (INT64, ["batch", "sequence"]),
+            "image_blocks": (INT64, ["batch", "sequence"]),
             **{f"past_{p}": (FLOAT, cache) for p in self.spec.cache_parts},
             "shared_key": (FLOAT, kv), "shared_value": (FLOAT, kv),
             "hidden_states_out": (FLOAT, ["batch", "sequence", self.hidden_size]),
@@ -102,7 +104,7 @@ class DecoderLayerBlock(nn.Module):
     @property
     def dynamic_axes(self) -> list[dict[int, str]]:
         axes = {"hidden_states": {0: "batch", 1: "sequence"}, "per_layer_input": {0: "batch", 1: "sequence"},
-                "position_ids": {0: "batch", 1: "sequence"}}
+                "position_ids": {0: "batch", 1: "sequence"}, "image_blocks": {0: "batch", 1: "sequence"}}
         return [axes.get(n, {0: "batch", 2: "past_sequence"}) for n in self.activation_names]
 
     def example_activations(self) -> list[torch.Tensor]:
@@ -112,6 +114,8 @@ class DecoderLayerBlock(nn.Module):
         if self.ple_dim:
             example.append(torch.randn(b, n, self.ple_dim))
         example.append(torch.arange(EXAMPLE_PAST, EXAMPLE_PAST + n).unsqueeze(0))
+        if s.image_blocks:
+            example.append(torch.tensor([[-1, 0, 0]]))
         parts = len(self.spec.cache_parts) if s.owns_cache else 2
         example += [torch.randn(b, s.num_kv_heads, past, s.head_dim) for _ in range(parts)]
         return example
@@ -140,7 +144,8 @@ class DecoderLayerBlock(nn.Module):
         else:
             out, present_key, present_value, keys, values = torch.ops.gemma4.keqv_attention(
                 query, attn.q_norm.weight, named["position_ids"], attn.k_proj(h), attn.v_proj(h),
-                attn.k_norm.weight, named["past_key"], named["past_value"], "kv", *geometry)
+                attn.k_norm.weight, named["past_key"], named["past_value"], "kv", *geometry,
+                image_blocks=named.get("image_blocks"))
             presents = [present_key, present_value]
         hidden = residual + layer.post_attention_layernorm(attn.o_proj(out))
 

@@ -35,6 +35,7 @@ class LayerSpec:
     moe: bool
     rope_theta: float
     rope_fraction: float  # share of frequency pairs that rotate (p-RoPE on full layers)
+    image_blocks: bool = False  # sliding layer of a use_bidirectional_attention "vision" model (§3.7)
 
     @property
     def owns_cache(self) -> bool:
@@ -64,6 +65,11 @@ class TextGeometry:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def image_blocks(self) -> bool:
+        """The decoder takes an ``image_blocks`` input (bidirectional image attention on sliding layers)."""
+        return any(spec.image_blocks for spec in self.layers)
 
     @property
     def cache_layers(self) -> list[LayerSpec]:
@@ -128,6 +134,10 @@ def text_geometry(config: dict[str, Any]) -> TextGeometry:
     global_kv = text.get("num_global_key_value_heads")
     moe = bool(text.get("enable_moe_block", False))
     rope = text.get("rope_parameters") or {}
+    bidirectional = text.get("use_bidirectional_attention")
+    if bidirectional not in (None, "vision"):
+        raise ConfigError(f"config.json: use_bidirectional_attention={bidirectional!r} is not supported (null or "
+                          "'vision', as the released models)")
 
     layers = []
     for i, layer_type in enumerate(layer_types):
@@ -151,7 +161,11 @@ def text_geometry(config: dict[str, Any]) -> TextGeometry:
             moe=moe,
             rope_theta=float(rope_params.get("rope_theta", 1e6 if full else 1e4)),
             rope_fraction=float(rope_params.get("partial_rotary_factor", 1.0)),
+            image_blocks=bidirectional == "vision" and not full,
         ))
+        if layers[-1].image_blocks and (modes[i] == "reuse" or layers[-1].k_eq_v):
+            raise ConfigError(f"config.json: layer {i}: bidirectional image blocks on a KV-shared or K=V sliding "
+                              "layer are not supported")
         if text["num_attention_heads"] % layers[-1].num_kv_heads:
             raise ConfigError(f"config.json: layer {i}: {text['num_attention_heads']} query heads are not a "
                               f"multiple of {layers[-1].num_kv_heads} KV heads")

@@ -42,14 +42,14 @@ from gemma4_onnx.exporter.weights import CheckpointWeights, WeightSource, exampl
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
 from gemma4_onnx.graphs.external_data import PackageWriter
 from gemma4_onnx.graphs.lower_ort import lower_to_ort
-from gemma4_onnx.graphs.manifest import graph_signature, read_manifest, write_manifest
+from gemma4_onnx.graphs.manifest import IMAGE_BLOCKS, graph_signature, read_manifest, write_manifest
 from gemma4_onnx.progress import progress
+from gemma4_onnx.runtime.package_files import SIDE_FILES
 
 FLOAT = onnx.TensorProto.FLOAT
 INT64 = onnx.TensorProto.INT64
 PLE_TABLE = STATE_PREFIX + "embed_tokens_per_layer.weight"
 EMBED_TABLE = STATE_PREFIX + "embed_tokens.weight"
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def block_file(index: int) -> str:
@@ -241,6 +241,8 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
                 np.array(spec.index, dtype=np.int64), f"layer_index.{spec.index}")
             inputs.append(ple)
         inputs.append("position_ids")
+        if spec.image_blocks:
+            inputs.append(IMAGE_BLOCKS)
         if spec.owns_cache:
             inputs += cache_names(spec, "past")
         else:
@@ -265,6 +267,9 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
     decoder_functions += [traced_head.function, *traced_head.functions]
 
     decoder_inputs = [*_embedding_infos(geometry), tensor_info("position_ids", INT64, ["batch", "sequence"])]
+    if geometry.image_blocks:
+        decoder_inputs.append(tensor_info(IMAGE_BLOCKS, INT64, ["batch", "sequence"]))
+        decoder_inits[IMAGE_BLOCKS] = no_image_blocks()
     decoder_outputs = [tensor_info("logits", FLOAT, ["batch", "sequence", geometry.vocab_size])]
     for spec in geometry.cache_layers:
         past_len = "past_sequence" if spec.attention == "full" else f"past_sliding_{spec.index}"
@@ -290,6 +295,12 @@ def _embedding_infos(geometry: TextGeometry) -> list[onnx.ValueInfoProto]:
     return infos
 
 
+def no_image_blocks() -> onnx.TensorProto:
+    """The default of the ``image_blocks`` input, [[-1]]: no image tokens, so text-only callers need not feed
+    it (the mask broadcasts it over [B, S])."""
+    return onnx.numpy_helper.from_array(np.full((1, 1), -1, np.int64), IMAGE_BLOCKS)
+
+
 def _max_position(weights: WeightSource) -> int:
     return int(weights.config["text_config"].get("max_position_embeddings", 8192))
 
@@ -298,7 +309,7 @@ def _save_block(root: Path, spec: LayerSpec, traced: TracedBlock, block: Decoder
                 writer: _Writer, max_position: int) -> dict[str, Any]:
     inputs = [tensor_info(n, t, s) for n, t, s in block.activation_infos()]
     outputs = [tensor_info(n, t, s) for n, t, s in block.output_infos()]
-    inits = [writer.relocated(n, "blocks") for n in names]
+    inits = [writer.relocated(n, "blocks") for n in names] + ([no_image_blocks()] if spec.image_blocks else [])
     model = build_model(f"layer_{spec.index}", inputs, outputs,
                         [call(traced.function, [*block.activation_names, *names], traced.outputs, "layer")],
                         inits, [traced.function, *traced.functions])
@@ -334,7 +345,7 @@ def _save(root: Path, relative: str, model: onnx.ModelProto) -> dict[str, Any]:
 def _copy_side_files(weights: WeightSource, staging: Path) -> None:
     if isinstance(weights, CheckpointWeights):
         checkpoint_dir = weights.checkpoint.directory
-        for name in COPIED_FILES:
+        for name in SIDE_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copyfile(checkpoint_dir / name, staging / name)
         return

@@ -80,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gemma4_onnx.runtime.generate import generate
 
     generate(Path(args.model_dir), args.prompt, args.max_new_tokens, images=[Path(f) for f in args.image],
-             audio=[Path(f) for f in args.audio], image_budget=args.image_budget)
+             audio=[Path(f) for f in args.audio], image_budget=args.image_budget, raw=args.raw)
     return 0
 
 
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="soft tokens per image at most: 70, 140, 280 (default), 560 or 1120")
     p.add_argument("--audio", action="append", default=[], metavar="FILE",
                    help="a 16 kHz WAV file (repeatable; E2B/E4B); placed at each <|audio|>, else before the text")
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as it is, without the checkpoint's chat template (if it has one)")
 
     p = verb("mobile", cmd_mobile, "package an export for ONNX Runtime Mobile")
     p.add_argument("model_dir")

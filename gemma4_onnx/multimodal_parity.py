@@ -1,9 +1,7 @@
 """The ``vision`` and ``audio`` sections of ``parity.json``: soft tokens of the package's encoders against
 transformers (every image budget; one clip), and greedy agreement after an image+text and an audio+text
-prompt. Synthetic media (a seeded non-square image, a chirp), so no file is needed.
-
-On 26B-A4B/31B the greedy reference runs causally: the exported decoder has no bidirectional image mask
-(``runtime.multimodal``), and the section records that as ``"reference_mask": "causal"``.
+prompt. Synthetic media (a seeded non-square image, a chirp), so no file is needed. On 26B-A4B/31B both
+sides attend bidirectionally within the image on sliding layers.
 """
 
 from pathlib import Path
@@ -45,7 +43,6 @@ def multimodal_parity(model_dir: Path, checkpoint: Path, encode: Any, bos: list[
 
     model = MultimodalModel(model_dir)
     torch_model = load_reference_model(Checkpoint.open(checkpoint))
-    causal = model.bidirectional_gap
     result: dict[str, Any] = {"vision": None, "audio": None}
     if "vision_encoder" in model.graphs:
         entry = model.graphs["vision_encoder"]
@@ -61,10 +58,9 @@ def multimodal_parity(model_dir: Path, checkpoint: Path, encode: Any, bos: list[
         patches = image_patches(synthetic_image(), 70, entry["patch_size"], entry["pooling_kernel_size"])
         prompt = build_prompt(encode, bos, PROMPT, model.token_ids, [patches], [])
         ours = model.greedy(prompt, [model.image_soft_tokens(patches)], [], steps)
-        theirs = reference.greedy(torch_model, prompt.ids, [0] * len(prompt.types) if causal else prompt.types,
-                                  steps, pixel_values=patches.pixel_values[None], positions=patches.positions[None])
-        result["vision"] = {"budgets": budgets, **_greedy(ours, theirs, steps),
-                            "reference_mask": "causal" if causal else "as transformers"}
+        theirs = reference.greedy(torch_model, prompt.ids, prompt.types, steps,
+                                  pixel_values=patches.pixel_values[None], positions=patches.positions[None])
+        result["vision"] = {"budgets": budgets, **_greedy(ours, theirs, steps)}
     if "audio_encoder" in model.graphs:
         clip = synthetic_clip()
         expected = reference.audio_soft_tokens(torch_model, clip.features, clip.mask)

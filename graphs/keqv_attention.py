@@ -7,6 +7,8 @@ What Gemma 4 does differently (§3.5, §3.7, §3.8):
 * K=V (full layers of 26B-A4B and 31B): there is no v_proj, v_in is the raw k projection itself;
 * sliding layers mask keys outside (q_pos − W, q_pos] and keep a window-bounded cache (the last W−1
   tokens, transformers' DynamicSlidingWindowLayer) while attending with all of past + current;
+* bidirectional image blocks (sliding layers of 26B-A4B and 31B, ``use_bidirectional_attention:
+  "vision"``): the soft tokens of one image also see the later soft tokens of the same image;
 * KV sharing (E2B, E4B): "reuse" layers have no k/v projections and no cache; they attend with the
   full K, V that the last cache-owning layer of their type attended with in the same forward pass.
 * head_dim 256 (sliding) or 512 (full); softmax in fp32; GQA with contiguous grouping (query head j
@@ -16,6 +18,13 @@ Key positions are contiguous and end at the last query position: the T keys (pas
 positions last_q − T + 1 … last_q, per batch row. The mask keeps key k for query q iff
 k_pos ≤ q_pos and, when sliding_window W > 0, k_pos > q_pos − W. No padding mask: batch rows are
 aligned (their position_ids may differ).
+
+With ``image_blocks`` [B, S] (int64: the image each current token belongs to, numbered 0, 1, … per
+maximal run of soft tokens; −1 for text), key k is also kept for query q when both are current tokens
+of the same block ≥ 0, still inside the window: keep = (k_pos ≤ q_pos OR same block) AND k_pos > q_pos − W
+(transformers' mask for ``mm_token_type_ids``, §3.7). Only current keys can lie after a query, so the
+blocks of past keys are never needed; an image's tokens must be in one call (the runtime prefills whole
+prompts), and decode steps feed −1.
 
 **The K=V cache is one tensor.** transformers caches k = RoPE(RMSNorm(raw)·w_k) and v = RMSNorm(raw)
 for K=V layers: two tensors holding the same information. Since RMSNorm(raw)·w_k = (raw·r)·w_k = v·w_k
@@ -40,6 +49,7 @@ cannot share a body: an ONNX function may not reference an absent input)::
               → (output, present_value, key_states, value_states)      one cache: normalised v
     :reuse  (query, key, value, q_norm_weight, position_ids)            key/value: the producer's
               → (output)                                                 key_states/value_states
+    :kv_image_blocks  (the eight inputs of :kv, image_blocks) → (the five outputs of :kv)
 
     query ─Reshape[B,S,Hq,D]─RMSNorm(w_q)─PRoPE(pos)─Transpose─► q [B,Hq,S,D]
     :kv    key ─Reshape─RMSNorm(w_k)─PRoPE─Transpose─┐      value ─Reshape─RMSNorm─Transpose─┐
@@ -60,12 +70,14 @@ Torch op (one op for all modes; absent tensors are None, absent outputs are empt
 
     torch.ops.gemma4.keqv_attention(query, q_norm_weight, position_ids, key, value, k_norm_weight,
         past_key, past_value, mode: str, num_heads: int, num_kv_heads: int, head_dim: int,
-        sliding_window: int, rope_theta: float, rope_fraction: float, eps: float)
+        sliding_window: int, rope_theta: float, rope_fraction: float, eps: float, image_blocks=None)
         -> (output, present_key, present_value, key_states, value_states)
 
     mode "kv":    key, value, k_norm_weight, past_key, past_value given
     mode "keqv":  key, k_norm_weight, past_value (the one cache) given; present_key is empty
     mode "reuse": key, value = the producer's key_states, value_states; the other four outputs empty
+    image_blocks: mode "kv" only (bidirectional images are a sliding-layer feature, and those layers
+                  keep separate k and v); exported as the ``kv_image_blocks`` overload
 """
 
 from __future__ import annotations
@@ -101,7 +113,12 @@ def key_positions(position_ids: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def attend_reference(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position_ids: torch.Tensor, sliding_window: int
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position_ids: torch.Tensor,
+    sliding_window: int,
+    image_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, S, D] (normed, roped) against keys/values [B, KVH, T, D] → [B, S, Hq·D]."""
     batch, num_heads, length, _ = q.shape
@@ -112,6 +129,10 @@ def attend_reference(
     k_pos = key_positions(position_ids, total)[:, None, :]
     q_pos = position_ids[:, :, None]
     keep = k_pos <= q_pos
+    if image_blocks is not None:
+        past = torch.full((batch, total - length), -1, dtype=image_blocks.dtype)
+        key_blocks = torch.cat([past, image_blocks], dim=1)[:, None, :]
+        keep = keep | ((image_blocks[:, :, None] == key_blocks) & (image_blocks[:, :, None] >= 0))
     if sliding_window > 0:
         keep = keep & (k_pos > q_pos - sliding_window)
     mask = torch.zeros(keep.shape, dtype=scores.dtype).masked_fill(~keep, torch.finfo(scores.dtype).min)
@@ -146,9 +167,10 @@ def keqv_attention(
     rope_theta: float,
     rope_fraction: float,
     eps: float,
+    image_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gemma 4 attention (before o_proj); see the module docstring for modes and layouts."""
-    _check_mode(mode, key, value, k_norm_weight, past_key, past_value)
+    _check_mode(mode, key, value, k_norm_weight, past_key, past_value, image_blocks)
     freqs = inv_freq(rope_theta, rope_fraction, head_dim)
     cos, sin = cos_sin(position_ids, freqs, query.dtype)
     q = rms_norm_reference(_heads(query, head_dim), q_norm_weight, eps)
@@ -174,7 +196,7 @@ def keqv_attention(
         keys_unroped = (values.float() * k_norm_weight.float()).to(values.dtype)
         keys = apply_rope(keys_unroped.transpose(1, 2), k_cos, k_sin).transpose(1, 2).contiguous()
         present_key = empty
-    output = attend_reference(q, keys, values, position_ids, sliding_window)
+    output = attend_reference(q, keys, values, position_ids, sliding_window, image_blocks)
     return output, present_key, window(values, sliding_window).clone(), keys, values
 
 
@@ -196,8 +218,9 @@ def _(
     rope_theta: float,
     rope_fraction: float,
     eps: float,
+    image_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_mode(mode, key, value, k_norm_weight, past_key, past_value)
+    _check_mode(mode, key, value, k_norm_weight, past_key, past_value, image_blocks)
     output = torch.empty_like(query)
     empty = query.new_empty(0)
     if mode == "reuse":
@@ -212,7 +235,10 @@ def _(
 
 
 def _check_mode(mode: str, *tensors: torch.Tensor | None) -> None:
-    given = tuple(t is not None for t in tensors)  # key, value, k_norm_weight, past_key, past_value
+    """tensors: key, value, k_norm_weight, past_key, past_value, image_blocks."""
+    if tensors[-1] is not None and mode != "kv":
+        raise ValueError(f"keqv_attention: image_blocks is for mode 'kv' only, got mode {mode!r}")
+    given = tuple(t is not None for t in tensors[:-1])
     expected = {
         "kv": (True, True, True, True, True),
         "keqv": (True, False, True, False, True),
@@ -255,6 +281,42 @@ def Query(
 
 
 @onnxscript.script(HELPER_OPSET, default_opset=op)
+def QueryKeysValues(
+    query,
+    key,
+    value,
+    q_norm_weight,
+    k_norm_weight,
+    position_ids,
+    past_key,
+    past_value,
+    head_dim: int,
+    eps: float,
+    rope_theta: float,
+    rope_fraction: float,
+    rope_inv_freq: Sequence[float],
+):
+    """``kv``'s q [B, Hq, S, D] (``Query``), and the keys (RoPE(RMSNorm(k)·w_k)) and values (RMSNorm(v)) it
+    attends with: past + current, [B, KVH, T, D]."""
+    q = Query(
+        query,
+        q_norm_weight,
+        position_ids,
+        head_dim=head_dim,
+        eps=eps,
+        rope_theta=rope_theta,
+        rope_fraction=rope_fraction,
+        rope_inv_freq=rope_inv_freq,
+    )
+    k_normed = RMSNorm(SplitHeads(key, head_dim=head_dim), k_norm_weight, eps=eps)
+    k_new = PRoPE(k_normed, position_ids, theta=rope_theta, fraction=rope_fraction, inv_freq=rope_inv_freq, head_axis=2)
+    v_new = RMSNormNoScale(SplitHeads(value, head_dim=head_dim), eps=eps)
+    key_states = op.Concat(past_key, op.Transpose(k_new, perm=[0, 2, 1, 3]), axis=2)
+    value_states = op.Concat(past_value, op.Transpose(v_new, perm=[0, 2, 1, 3]), axis=2)
+    return q, key_states, value_states
+
+
+@onnxscript.script(HELPER_OPSET, default_opset=op)
 def KeyPositions(position_ids, states):
     """[B, T] positions of the T keys in states [B, KVH, T, D]: contiguous, ending at the last query."""
     total = op.Shape(states, start=2, end=3)
@@ -264,13 +326,38 @@ def KeyPositions(position_ids, states):
 
 
 @onnxscript.script(HELPER_OPSET, default_opset=op)
-def Attend(q, keys, values, position_ids, num_kv_heads: int, sliding_window: int):
-    """q [B, Hq, S, D] against keys/values [B, KVH, T, D] → [B, S, Hq·D]; GQA without repeating K/V."""
+def InWindow(position_ids, keys, sliding_window: int):
+    """[B, S, T] bool: key inside query's window (always, when W = 0)."""
     q_pos = op.Unsqueeze(position_ids, [-1])
     k_pos = op.Unsqueeze(KeyPositions(position_ids, keys), [1])
     width = op.Constant(value_int=sliding_window)
-    in_window = op.Or(op.Equal(width, 0), op.Greater(k_pos, op.Sub(q_pos, width)))
-    keep = op.Unsqueeze(op.And(op.LessOrEqual(k_pos, q_pos), in_window), [1, 2])
+    return op.Or(op.Equal(width, 0), op.Greater(k_pos, op.Sub(q_pos, width)))
+
+
+@onnxscript.script(HELPER_OPSET, default_opset=op)
+def Causal(position_ids, keys):
+    """[B, S, T] bool: key at or before the query."""
+    q_pos = op.Unsqueeze(position_ids, [-1])
+    k_pos = op.Unsqueeze(KeyPositions(position_ids, keys), [1])
+    return op.LessOrEqual(k_pos, q_pos)
+
+
+@onnxscript.script(HELPER_OPSET, default_opset=op)
+def SameImageBlock(image_blocks, keys):
+    """[B, S, T] bool: query and key are current tokens of the same image block (≥ 0)."""
+    batch = op.Shape(image_blocks, start=0, end=1)
+    past = op.Sub(op.Shape(keys, start=2, end=3), op.Shape(image_blocks, start=1, end=2))
+    past_blocks = op.Expand(op.CastLike(op.Constant(value_int=-1), image_blocks), op.Concat(batch, past, axis=0))
+    key_blocks = op.Unsqueeze(op.Concat(past_blocks, image_blocks, axis=1), [1])
+    query_blocks = op.Unsqueeze(image_blocks, [-1])
+    return op.And(op.Equal(query_blocks, key_blocks), op.GreaterOrEqual(query_blocks, op.CastLike(0, image_blocks)))
+
+
+@onnxscript.script(HELPER_OPSET, default_opset=op)
+def AttendMasked(q, keys, values, keep, num_kv_heads: int):
+    """q [B, Hq, S, D] against keys/values [B, KVH, T, D] where keep [B, S, T] → [B, S, Hq·D]; GQA without
+    repeating K/V."""
+    keep = op.Unsqueeze(keep, [1, 2])
     q_shape = op.Shape(q)
     batch = op.Slice(q_shape, [0], [1])
     kv_heads = op.Unsqueeze(op.Constant(value_int=num_kv_heads), [0])
@@ -282,6 +369,13 @@ def Attend(q, keys, values, position_ids, num_kv_heads: int, sliding_window: int
     probs = op.CastLike(op.Reshape(probs, op.Shape(scores)), q)
     attended = op.Reshape(op.MatMul(probs, values), q_shape)
     return op.Reshape(op.Transpose(attended, perm=[0, 2, 1, 3]), [0, 0, -1])
+
+
+@onnxscript.script(HELPER_OPSET, default_opset=op)
+def Attend(q, keys, values, position_ids, num_kv_heads: int, sliding_window: int):
+    """Causal (and windowed) attention: AttendMasked with keep = causal AND in window."""
+    keep = op.And(Causal(position_ids, keys), InWindow(position_ids, keys, sliding_window=sliding_window))
+    return AttendMasked(q, keys, values, keep, num_kv_heads=num_kv_heads)
 
 
 @onnxscript.script(HELPER_OPSET, default_opset=op)
@@ -311,22 +405,66 @@ def KEqVAttentionKV(
     rope_inv_freq: Sequence[float],
 ):
     """Overload ``kv``: separate k and v projections, two caches (roped keys, normalised values)."""
-    q = Query(
+    q, key_states, value_states = QueryKeysValues(
         query,
+        key,
+        value,
         q_norm_weight,
+        k_norm_weight,
         position_ids,
+        past_key,
+        past_value,
         head_dim=head_dim,
         eps=eps,
         rope_theta=rope_theta,
         rope_fraction=rope_fraction,
         rope_inv_freq=rope_inv_freq,
     )
-    k_normed = RMSNorm(SplitHeads(key, head_dim=head_dim), k_norm_weight, eps=eps)
-    k_new = PRoPE(k_normed, position_ids, theta=rope_theta, fraction=rope_fraction, inv_freq=rope_inv_freq, head_axis=2)
-    v_new = RMSNormNoScale(SplitHeads(value, head_dim=head_dim), eps=eps)
-    key_states = op.Concat(past_key, op.Transpose(k_new, perm=[0, 2, 1, 3]), axis=2)
-    value_states = op.Concat(past_value, op.Transpose(v_new, perm=[0, 2, 1, 3]), axis=2)
     output = Attend(q, key_states, value_states, position_ids, num_kv_heads=num_kv_heads, sliding_window=sliding_window)
+    present_key = Window(key_states, sliding_window=sliding_window)
+    present_value = Window(value_states, sliding_window=sliding_window)
+    return output, present_key, present_value, key_states, value_states
+
+
+@onnxscript.script(OPSET, default_opset=op)
+def KEqVAttentionKVImageBlocks(
+    query,
+    key,
+    value,
+    q_norm_weight,
+    k_norm_weight,
+    position_ids,
+    past_key,
+    past_value,
+    image_blocks,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    sliding_window: int,
+    eps: float,
+    rope_theta: float,
+    rope_fraction: float,
+    rope_inv_freq: Sequence[float],
+):
+    """Overload ``kv_image_blocks``: ``kv`` whose mask also keeps later keys of the query's image block."""
+    q, key_states, value_states = QueryKeysValues(
+        query,
+        key,
+        value,
+        q_norm_weight,
+        k_norm_weight,
+        position_ids,
+        past_key,
+        past_value,
+        head_dim=head_dim,
+        eps=eps,
+        rope_theta=rope_theta,
+        rope_fraction=rope_fraction,
+        rope_inv_freq=rope_inv_freq,
+    )
+    seen = op.Or(Causal(position_ids, key_states), SameImageBlock(image_blocks, key_states))
+    keep = op.And(seen, InWindow(position_ids, key_states, sliding_window=sliding_window))
+    output = AttendMasked(q, key_states, value_states, keep, num_kv_heads=num_kv_heads)
     present_key = Window(key_states, sliding_window=sliding_window)
     present_value = Window(value_states, sliding_window=sliding_window)
     return output, present_key, present_value, key_states, value_states
@@ -406,6 +544,7 @@ def KEqVAttentionReuse(
 
 FUNCTIONS: dict[str, onnxscript.OnnxFunction] = {
     "kv": KEqVAttentionKV,
+    "kv_image_blocks": KEqVAttentionKVImageBlocks,
     "keqv": KEqVAttentionKEqV,
     "reuse": KEqVAttentionReuse,
 }
@@ -459,10 +598,13 @@ def _translate(
     rope_theta: float,
     rope_fraction: float,
     eps: float,
+    image_blocks: Any = None,
 ) -> tuple[Any, ...]:
     attributes = onnx_attributes(num_heads, num_kv_heads, head_dim, sliding_window, rope_theta, rope_fraction, eps)
     if mode == "kv":
         inputs = (query, key, value, q_norm_weight, k_norm_weight, position_ids, past_key, past_value)
+        if image_blocks is not None:
+            return tuple(_EMIT["kv_image_blocks"](*inputs, image_blocks, **attributes))
         return tuple(_EMIT["kv"](*inputs, **attributes))
     if mode == "keqv":
         output, present_value, keys, values = _EMIT["keqv"](

@@ -24,6 +24,11 @@ KEqVAttention:kv → GroupQueryAttention::
         → output, present K, V (past + current: the op's key_states/value_states)
         present_key/value = Slice(last W−1) on sliding layers, as the op's contract says
 
+KEqVAttention:kv_image_blocks → If: GQA's mask is always causal, so it runs only when no token is in an image
+block (every decode step, text prompts); a prompt with images runs the function::
+
+    If(ReduceMax(image_blocks) < 0)  then: the GroupQueryAttention lowering above   else: the function node
+
 Measured against the function (tests/test_op_lower_ort.py), three details decide exactness:
 * GQA's ``local_window_size`` counts the query itself: W keeps keys k > q − W, Gemma's window (W − 1
   gives a different mask).
@@ -127,6 +132,8 @@ class LowerToOrtPass(ir.passes.InPlacePass):
                 return "a KV-shared consumer has no new keys/values for GroupQueryAttention"
             if node.overload == "kv":
                 return None
+            if node.overload == "kv_image_blocks":
+                return None
             return f"unknown KEqVAttention overload {node.overload!r}"
         return f"no onnxruntime kernel lowering for {node.op_type}"
 
@@ -135,7 +142,24 @@ class LowerToOrtPass(ir.passes.InPlacePass):
     def _rewrite(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
         if node.op_type == "PRoPE":
             return self._rotary(node, tape, graph)
+        if node.overload == "kv_image_blocks":
+            return self._attention_unless_images(node, tape, graph)
         return self._attention(node, tape, graph)
+
+    def _attention_unless_images(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
+        causal = ir.tape.Tape()
+        causal_outputs = self._attention(node, causal, graph)
+        function = ir.Node(node.domain, node.op_type, list(node.inputs), overload=node.overload,
+                           attributes=[ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
+                           num_outputs=len(node.outputs))
+        no_images = tape.op("Less", [tape.op("ReduceMax", [node.inputs[8]], attributes={"keepdims": 0}),
+                                     _ints(tape, [0])])
+        for index, value in enumerate(v for n in [*causal.nodes, function] for v in n.outputs):
+            value.name = f"{node.name}_branch_{index}"  # unique across branches: ONNX names are graph-wide (SSA)
+        branches = {"then_branch": ir.Graph([], causal_outputs, nodes=causal.nodes, name=f"{node.name}_causal"),
+                    "else_branch": ir.Graph([], list(function.outputs), nodes=[function], name=f"{node.name}_images")}
+        return list(tape.op_multi_out("If", [tape.op("Squeeze", [no_images])], attributes=branches,
+                                      num_outputs=len(node.outputs)))
 
     def _cos_sin(self, node: ir.Node, attribute: str, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
         inv_freq = np.asarray(node.attributes[attribute].as_floats(), dtype=np.float32)
@@ -167,7 +191,7 @@ class LowerToOrtPass(ir.passes.InPlacePass):
         return [tape.op("Reshape", [rotated, tape.op("Shape", [x])])]
 
     def _attention(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
-        query, key, value, q_norm_weight, k_norm_weight, position_ids, past_key, past_value = node.inputs
+        query, key, value, q_norm_weight, k_norm_weight, position_ids, past_key, past_value = node.inputs[:8]
         attrs = node.attributes
         head_dim, window, eps = attrs["head_dim"].as_int(), attrs["sliding_window"].as_int(), attrs["eps"].as_float()
         cos, sin = self._cos_sin(node, "rope_inv_freq", graph)

@@ -18,6 +18,8 @@ from gemma4_onnx.errors import UsageError
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-onnx/1"
 HASH_CHUNK = 1 << 24
+# The decoder input of 26B-A4B/31B ([B, S] int64: each token's image block, −1 for text); it defaults to [[-1]].
+IMAGE_BLOCKS = "image_blocks"
 
 
 def sha256(path: Path) -> str:

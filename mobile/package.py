@@ -22,9 +22,9 @@ from gemma4_onnx.mobile.convert import CONFIG, convert, copy_file, deployed_grap
 from gemma4_onnx.mobile.operators import build_commands, check_coverage, operator_table
 from gemma4_onnx.mobile.usability import function_expansions, graph_usability, write_report
 from gemma4_onnx.progress import say
+from gemma4_onnx.runtime.package_files import SIDE_FILES
 from gemma4_onnx.runtime.text_model import check_files_present
 
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 PLACEHOLDER_KEYS = ("image_token_id", "audio_token_id", "video_token_id")
 EXAMPLE = "example.py"
 

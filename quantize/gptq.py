@@ -70,7 +70,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
         for i in range(end - start):
             column = start + i
             if column % block == 0:
-                group = np.concatenate([w1[..., i:], w[..., end:]], axis=-1)[..., :block]
+                group = np.concatenate([w1[..., i:], w[..., end:end + block]], axis=-1)[..., :block]
                 scale, zero = _group_params(group, top, symmetric)
                 scales[..., column // block], zeros[..., column // block] = scale, zero
             q = np.clip(np.round(w1[..., i] / scale) + zero, 0, top)

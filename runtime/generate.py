@@ -1,6 +1,5 @@
 """``gemma4-onnx generate``: a prompt through the exported package, streamed token by token."""
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,34 +8,50 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gemma4_onnx.errors import UsageError
+from gemma4_onnx.runtime.chat_template import chat_template, render, special_token, tokenizer_config
 from gemma4_onnx.runtime.multimodal import DEFAULT_IMAGE_BUDGET, MultimodalModel, media_prompt
 from gemma4_onnx.runtime.text_model import Cache, TextModel
 
 
 def prompt_ids(tokenizer: Tokenizer, directory: Path, prompt: str) -> list[int]:
     """The prompt's ids, with BOS first when the checkpoint's tokenizer config asks for it."""
-    ids = list(tokenizer.encode(prompt, add_special_tokens=False).ids)
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    if config.get("add_bos_token", True) and config.get("bos_token"):
-        bos = tokenizer.token_to_id(config["bos_token"])
-        if bos is not None:
-            ids.insert(0, bos)
-    return ids
+    return _bos(tokenizer, directory) + _encode(tokenizer, prompt)
+
+
+def chat_prompt(tokenizer: Tokenizer, directory: Path, prompt: str, raw: bool = False) -> tuple[list[int], str]:
+    """(BOS ids, text): the prompt in the checkpoint's chat template, which brings its own BOS (``raw``, or no
+    template: the prompt as given, BOS as the tokenizer config says)."""
+    template = None if raw or not prompt else chat_template(directory)
+    if template is None:
+        return _bos(tokenizer, directory), prompt
+    return [], render(template, tokenizer_config(directory), prompt)
+
+
+def _bos(tokenizer: Tokenizer, directory: Path) -> list[int]:
+    config = tokenizer_config(directory)
+    bos = tokenizer.token_to_id(special_token(config, "bos_token")) if config.get("add_bos_token", True) else None
+    return [] if bos is None else [bos]
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def generate(directory: Path, prompt: str, max_new_tokens: int, stream: bool = True, images: Sequence[Path] = (),
-             audio: Sequence[Path] = (), image_budget: int = DEFAULT_IMAGE_BUDGET) -> str:
+             audio: Sequence[Path] = (), image_budget: int = DEFAULT_IMAGE_BUDGET, raw: bool = False) -> str:
+    """``raw``: the prompt as given, without the checkpoint's chat template (which brings its own BOS)."""
     if max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
     if not (directory / "tokenizer.json").is_file():
         raise UsageError(f"{directory}: no tokenizer.json in the package")
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    bos, prompt = chat_prompt(tokenizer, directory, prompt, raw)
     if images or audio:
-        model, cache, logits = _media_prefill(directory, tokenizer, prompt, list(images), list(audio), image_budget)
+        model, cache, logits = _media_prefill(directory, tokenizer, prompt, bos, list(images), list(audio),
+                                              image_budget)
     else:
         model = TextModel(directory)
-        ids = prompt_ids(tokenizer, directory, prompt)
+        ids = bos + _encode(tokenizer, prompt)
         if not ids:
             raise UsageError("the prompt is empty")
         cache = model.empty_cache(1)
@@ -60,15 +75,12 @@ def generate(directory: Path, prompt: str, max_new_tokens: int, stream: bool = T
     return text
 
 
-def _media_prefill(directory: Path, tokenizer: Tokenizer, prompt: str, images: list[Path], audio: list[Path],
-                   budget: int) -> tuple[TextModel, Cache, np.ndarray]:
+def _media_prefill(directory: Path, tokenizer: Tokenizer, prompt: str, bos: list[int], images: list[Path],
+                   audio: list[Path], budget: int) -> tuple[TextModel, Cache, np.ndarray]:
     """The prompt with its images and audio merged in, run through the decoder once."""
     model = MultimodalModel(directory)
-    bos = prompt_ids(tokenizer, directory, "")
-    media = media_prompt(model, lambda text: list(tokenizer.encode(text, add_special_tokens=False).ids), bos,
-                         prompt, images, audio, budget)
+    media = media_prompt(model, lambda text: _encode(tokenizer, text), bos, prompt, images, audio, budget)
     for note in media.notes:
         sys.stderr.write(f"note: {note}\n")
     cache = model.text.empty_cache(1)
-    logits = model.text.forward_embedded(model.embedded(media.prompt, media.images, media.audios), cache)
-    return model.text, cache, logits
+    return model.text, cache, model.prefill(media.prompt, media.images, media.audios, cache)

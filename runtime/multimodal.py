@@ -9,10 +9,9 @@ context part from the merged rows. The decoder then runs as for text.
 Media go where the prompt says ``<|image|>`` / ``<|audio|>`` (in the order given), or, without such
 markers, before the text: images first, then audio.
 
-Not done here: 26B-A4B and 31B let the soft tokens of one image attend to each other on sliding layers
-(``use_bidirectional_attention: "vision"``). The exported decoder's attention builds a causal mask from
-positions and has no input for that, so on those models image prompts run causally and differ from the
-reference; ``bidirectional_gap`` says so.
+On 26B-A4B and 31B (``use_bidirectional_attention: "vision"``) the soft tokens of one image also attend to
+each other on sliding layers: the prefill feeds the decoder ``image_blocks``, each token's image number
+(−1 for text), as transformers derives it from ``mm_token_type_ids``. Decode steps leave it at its default.
 """
 
 import re
@@ -30,7 +29,7 @@ from gemma4_onnx.runtime.text_model import Cache, TextModel, session_options
 
 IMAGE_MARK = "<|image|>"
 AUDIO_MARK = "<|audio|>"
-TEXT, IMAGE, AUDIO = 0, 1, 3  # transformers' mm_token_type_ids
+TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3  # transformers' mm_token_type_ids
 DEFAULT_IMAGE_BUDGET = 280
 
 
@@ -65,6 +64,13 @@ def build_prompt(encode: Any, bos: list[int], text: str, token_ids: dict[str, in
         elif piece:
             prompt.add(encode(piece))
     return prompt
+
+
+def image_blocks(types: list[int]) -> np.ndarray:
+    """[1, S]: the maximal runs of image (or video) soft tokens numbered 0, 1, …; −1 elsewhere (§3.7)."""
+    visual = np.isin(np.asarray(types, dtype=np.int64), (IMAGE, VIDEO))
+    starts = visual & ~np.concatenate([[False], visual[:-1]])
+    return np.where(visual, np.cumsum(starts) - 1, -1)[None].astype(np.int64)
 
 
 def _split(text: str, images: int, audios: int) -> list[str]:
@@ -121,11 +127,6 @@ class MultimodalModel(Encoders):
         super().__init__(directory, self.text.manifest["graphs"], threads)
         self.token_ids: dict[str, int] = self.text.manifest.get("token_ids") or {}
 
-    @property
-    def bidirectional_gap(self) -> bool:
-        """True where the reference attends bidirectionally within images and this decoder cannot."""
-        return self.text.manifest["text_config"].get("use_bidirectional_attention") == "vision"
-
     def embedded(self, prompt: Prompt, images: list[np.ndarray], audios: list[np.ndarray]) -> dict[str, np.ndarray]:
         """embed.onnx's outputs for ``prompt`` with the soft tokens written into the placeholder rows."""
         ids = np.array([prompt.ids], dtype=np.int64)
@@ -146,11 +147,15 @@ class MultimodalModel(Encoders):
                 "per_layer_inputs": embedded["per_layer_inputs"]})
         return embedded
 
+    def prefill(self, prompt: Prompt, images: list[np.ndarray], audios: list[np.ndarray], cache: Cache) -> np.ndarray:
+        """Logits of the prompt with the soft tokens merged in (and, on 26B-A4B/31B, its image blocks)."""
+        return self.text.forward_embedded(self.embedded(prompt, images, audios), cache, image_blocks(prompt.types))
+
     def greedy(self, prompt: Prompt, images: list[np.ndarray], audios: list[np.ndarray], steps: int,
                stop: list[int] | None = None) -> list[int]:
         """Greedy tokens after a multimodal prompt (at most ``steps``; ends early on a ``stop`` id)."""
         cache = Cache(self.text.empty_cache(1).tensors)
-        logits = self.text.forward_embedded(self.embedded(prompt, images, audios), cache)
+        logits = self.prefill(prompt, images, audios, cache)
         tokens: list[int] = []
         while len(tokens) < steps:
             token = int(np.argmax(logits[0, -1]))
@@ -167,7 +172,7 @@ class MediaPrompt:
     prompt: Prompt
     images: list[np.ndarray]  # soft tokens per image
     audios: list[np.ndarray]  # soft tokens per clip
-    notes: list[str]  # what the user should know (truncated audio, causal image attention)
+    notes: list[str]  # what the user should know (truncated audio)
 
 
 def media_prompt(model: MultimodalModel, encode: Any, bos: list[int], text: str, image_files: list[Path],
@@ -187,9 +192,6 @@ def media_prompt(model: MultimodalModel, encode: Any, bos: list[int], text: str,
     clips = [audio_features(f) for f in audio_files]
     notes += [f"{f}: longer than 30 s, only the first 30 s are used" for f, c in zip(audio_files, clips, strict=True)
               if c.truncated]
-    if images and model.bidirectional_gap:
-        notes.append("this decoder has no bidirectional image mask: image tokens attend causally, unlike the "
-                     "reference on sliding layers")
     prompt = build_prompt(encode, bos, text, model.token_ids, images, clips)
     return MediaPrompt(prompt, [model.image_soft_tokens(i) for i in images],
                        [model.audio_soft_tokens(c) for c in clips], notes)

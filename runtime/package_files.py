@@ -23,6 +23,8 @@ from gemma4_onnx.graphs.manifest import MANIFEST, graph_signature, sha256
 
 PRODUCER = "gemma4-onnx"
 TOKENIZER = "tokenizer.json"
+# What a package carries of its checkpoint besides weights (the chat template only where the checkpoint has one)
+SIDE_FILES = ("config.json", "generation_config.json", TOKENIZER, "tokenizer_config.json", "chat_template.jinja")
 MAX_DIMENSION = 1 << 31  # no Gemma 4 tensor or activation has an axis this long
 MAX_GRAPH_BYTES = (1 << 31) - 1  # protobuf's limit: weights of larger graphs must be external
 EXTERNAL_KEYS = {"location", "offset", "length", "checksum"}

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gemma4_onnx.graphs.manifest import read_manifest
+from gemma4_onnx.graphs.manifest import IMAGE_BLOCKS, read_manifest
 from gemma4_onnx.runtime.package_files import check_package
 
 
@@ -47,6 +47,8 @@ class TextModel:
         self.cache_layout: list[dict[str, Any]] = self.manifest["cache"]
         self.vocab_size = int(self.manifest["text_config"]["vocab_size"])
         self.eos_ids = _as_list(self.manifest["text_config"].get("eos_token_id"))
+        # 26B-A4B/31B: image tokens attend bidirectionally within their image on sliding layers
+        self.takes_image_blocks = IMAGE_BLOCKS in {i.name for i in self.decoder.get_overridable_initializers()}
 
     def empty_cache(self, batch: int) -> Cache:
         tensors = {}
@@ -66,10 +68,14 @@ class TextModel:
         names = [o.name for o in self.embed.get_outputs()]
         return dict(zip(names, self.embed.run(names, {"input_ids": input_ids}), strict=True))
 
-    def forward_embedded(self, embedded: dict[str, np.ndarray], cache: Cache) -> np.ndarray:
-        """``forward`` from embeddings (multimodal prompts merge soft tokens into them first)."""
+    def forward_embedded(self, embedded: dict[str, np.ndarray], cache: Cache,
+                         image_blocks: np.ndarray | None = None) -> np.ndarray:
+        """``forward`` from embeddings (multimodal prompts merge soft tokens into them first). ``image_blocks``
+        [B, S]: each token's image (0, 1, …; −1 for text), used where the decoder takes it."""
         batch, length = embedded["inputs_embeds"].shape[:2]
         feeds = dict(embedded)
+        if image_blocks is not None and self.takes_image_blocks:
+            feeds[IMAGE_BLOCKS] = np.asarray(image_blocks, dtype=np.int64)
         feeds["position_ids"] = np.broadcast_to(
             np.arange(cache.length, cache.length + length, dtype=np.int64), (batch, length)).copy()
         feeds.update(cache.tensors)

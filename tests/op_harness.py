@@ -395,14 +395,15 @@ def op_inputs(geometry_name: str, scenario_name: str, index: int) -> dict[str, t
 
 
 @functools.cache
-def exported_attention(geometry_name: str, index: int) -> Exported:
-    """The op of layer ``index`` exported once per geometry, dynamic in batch, step and past length."""
+def exported_attention(geometry_name: str, index: int, image_blocks: bool = False) -> Exported:
+    """The op of layer ``index`` exported once per geometry, dynamic in batch, step and past length
+    (with ``image_blocks``: the ``kv`` layer's op with an image_blocks input)."""
     mode, attributes = op_call(geometry_name, index)
     names = {
         "kv": ["query", "q_norm_weight", "position_ids", "key", "value", "k_norm_weight", "past_key", "past_value"],
         "keqv": ["query", "q_norm_weight", "position_ids", "key", "k_norm_weight", "past_value"],
         "reuse": ["query", "q_norm_weight", "position_ids", "key", "value"],
-    }[mode]
+    }[mode] + (["image_blocks"] if image_blocks else [])
     heads, kv, dim = attributes["num_heads"], attributes["num_kv_heads"], attributes["head_dim"]
     example_shapes = {
         "query": (2, 3, heads * dim),
@@ -413,10 +414,11 @@ def exported_attention(geometry_name: str, index: int) -> Exported:
         "past_key": (2, kv, 6, dim),
         "past_value": (2, kv, 6, dim),
     }
-    example = {n: torch.randn(example_shapes[n]) if n != "position_ids" else positions([6, 6], 3) for n in names}
+    integer = {"position_ids": positions([6, 6], 3), "image_blocks": torch.tensor([[-1, 0, 0], [0, 0, -1]])}
+    example = {n: integer[n] if n in integer else torch.randn(example_shapes[n]) for n in names}
     step = {0: "batch", 1: "step"}
     cache = {0: "batch", 2: "past"}
-    dynamic = {"query": step, "position_ids": step, "past_key": cache, "past_value": cache}
+    dynamic = {"query": step, "position_ids": step, "image_blocks": step, "past_key": cache, "past_value": cache}
     dynamic |= {"key": step, "value": step} if mode != "reuse" else {"key": cache, "value": cache}
 
     def forward(**tensors: torch.Tensor) -> Any:
@@ -431,10 +433,11 @@ def exported_attention(geometry_name: str, index: int) -> Exported:
             tensors.get("past_value"),
             mode=mode,
             **attributes,
+            image_blocks=tensors.get("image_blocks"),
         )
         wanted = {"kv": (0, 1, 2, 3, 4), "keqv": (0, 2, 3, 4), "reuse": (0,)}[mode]
         return tuple(outputs[i] for i in wanted)
 
     graph = Exported(forward, example, dynamic)
-    graph.assert_has_function("KEqVAttention", mode)
+    graph.assert_has_function("KEqVAttention", "kv_image_blocks" if image_blocks else mode)
     return graph

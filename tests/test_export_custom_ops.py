@@ -108,7 +108,7 @@ def test_decoder_uses_the_expected_ops(package: Package) -> None:
     for overload, function in attention.items():
         nested = [(n.op_type, n.overload) for n in function.node if n.domain == domain.DOMAIN]
         assert nested and set(nested) == {("PRoPE", "")}, f"KEqVAttention:{overload} calls {nested}"
-    overloads = {"tiny-e2b": {"kv", "reuse"}, "tiny-26b-a4b": {"kv", "keqv"}}[package.variant]
+    overloads = {"tiny-e2b": {"kv", "reuse"}, "tiny-26b-a4b": {"kv_image_blocks", "keqv"}}[package.variant]
     assert set(attention) == overloads
 
 

@@ -83,6 +83,38 @@ def test_sliding_cache_is_window_bounded() -> None:
     assert run["present"][1][0].shape[2] == 24
 
 
+IMAGE_BLOCK_CASES = {
+    # a 9-token image on a 12-token prefill: longer than the window W = 8, so the window still bounds it
+    "prefill-beyond-window": [[-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, 1]],
+    # rows at different positions, one image each, and a text-only row
+    "prefill-batch2-pos2e5": [[-1, 0, 0, 0, -1, -1], [-1, -1, -1, -1, -1, -1]],
+    # a chunk after 20 cached tokens: the blocks of past keys are never needed
+    "chunk-beyond-window-pos1e5": [[0, 0, 0, -1]],
+}
+
+
+@pytest.mark.parametrize("scenario", list(IMAGE_BLOCK_CASES))
+def test_image_blocks(scenario: str) -> None:
+    """The kv_image_blocks overload in onnxruntime vs the torch reference; the image tokens see their own
+    block's later tokens (the output changes from the causal one) and text tokens do not."""
+    mode, attributes = op_call("tiny", 0)
+    inputs = op_inputs("tiny", scenario, 0)
+    blocks = torch.tensor(IMAGE_BLOCK_CASES[scenario])
+    reference = keqv_attention.keqv_attention(
+        inputs["query"], inputs["q_norm_weight"], inputs["position_ids"], inputs["key"], inputs["value"],
+        inputs["k_norm_weight"], inputs["past_key"], inputs["past_value"], mode=mode, **attributes,
+        image_blocks=blocks,
+    )  # fmt: skip
+    causal = exported_attention("tiny", 0).run(**inputs)[0]
+    onnx_outputs = exported_attention("tiny", 0, image_blocks=True).run(**inputs, image_blocks=blocks)
+    for slot in range(5):
+        assert_close(OP, "onnxruntime vs reference (image blocks)", onnx_outputs[slot], reference[slot])
+    changed = torch.from_numpy(abs(onnx_outputs[0] - causal).max(axis=-1) > 1e-6)
+    blocks_ahead = torch.stack([torch.tensor([(row[i] >= 0) and bool((row[i + 1:] == row[i]).any())
+                                              for i in range(len(row))]) for row in blocks])
+    assert torch.equal(changed, blocks_ahead)
+
+
 def test_modes_are_checked() -> None:
     query = torch.zeros(1, 1, 64)
     with pytest.raises(ValueError, match="takes exactly"):

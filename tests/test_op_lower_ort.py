@@ -158,3 +158,22 @@ def test_keqv_and_reuse_stay_functions(geometry: str, layer: int, reason: str) -
     run = transformers_run(geometry, "decode-beyond-window-batch2-pos1e5")
     (output, *_) = lowered.run(**op_inputs(geometry, "decode-beyond-window-batch2-pos1e5", layer))
     assert_close(OP, "unlowered function vs transformers", output, run["output"][layer])
+
+
+@pytest.mark.parametrize("scenario", ["prefill-beyond-window", "decode-beyond-window-batch2-pos1e5"])
+def test_image_blocks_attention_lowered_behind_an_if(scenario: str) -> None:
+    """kv_image_blocks → If: GroupQueryAttention when no token is in an image (text and decode), the function
+    (kept, with its nested PRoPE) when one is; both branches give the function's outputs."""
+    graph = exported_attention("tiny", 0, image_blocks=True)
+    lowered = Lowered(graph, TABLE_ROWS["tiny"])
+    assert lowered.lowering.lowered == {"KEqVAttention:kv_image_blocks": 1}
+    assert ("", "If") in lowered.op_types()
+    inputs = op_inputs("tiny", scenario, 0)
+    batch, length = inputs["position_ids"].shape
+    text = torch.full((batch, length), -1)
+    image = text.clone()
+    image[:, : max(length - 1, 1)] = 0  # decode: the one token is a block of its own
+    for blocks in (text, image):
+        for actual, want in zip(lowered.run(**inputs, image_blocks=blocks), graph.run(**inputs, image_blocks=blocks),
+                                strict=True):
+            assert_close(OP, "If(GroupQueryAttention, function) vs function", actual, want)
