@@ -51,6 +51,7 @@ base, layers = sys.argv.pop(1), int(sys.argv.pop(1))
 config = variants.variant_config(base)
 text = config["text_config"]
 shared = round(text["num_kv_shared_layers"] * layers / text["num_hidden_layers"])
+shared = min(shared, layers - text["layer_types"].index("full_attention") - 1)  # a producer of each type stays
 text.update(num_hidden_layers=layers, layer_types=text["layer_types"][:layers], num_kv_shared_layers=shared)
 variants.REGISTRY["shallow"] = variants.Variant("shallow", variants.get_variant(base).family, config)
 sys.exit(main(sys.argv[1:]))

@@ -3,45 +3,58 @@ quantized, weighted by the layer's input statistics H = Σ xᵀx over calibratio
 2022). onnxruntime ships a GPTQ (``neural_compressor.weight_only.gptq``) but it returns only the
 fake-quantized weights, not the integer codes, scales and zero points MatMulNBits stores: this one
 returns those, and follows the same algorithm (damping 1 % of the mean diagonal, lazy batches, float32).
-Its cost is about K³ per weight (the factorization of H): 6 s for K = 12288 on two cores."""
+Its cost is about K³ per weight (the factorization of H): 13 s for K = 12288 on two cores."""
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 LAZY_BATCH = 128
 DAMPING = 0.01
 SHRINK_GRID = np.linspace(1.0, 0.8, 21)
 ERROR_NORM = 2.4
+GRID_CHUNK_VALUES = 1 << 24  # trial values per step of the range search (64 MB of float32)
 
 
-def _range_params(low: np.ndarray, high: np.ndarray, top: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def _range_params(low: "torch.Tensor", high: "torch.Tensor", top: int,
+                  symmetric: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
     if symmetric:
-        high = np.maximum(np.abs(low), high)
+        high = torch.maximum(low.abs(), high)
         scale = 2 * high / top
-        zero = np.full_like(scale, (top + 1) // 2)
+        zero = torch.full_like(scale, (top + 1) // 2)
     else:
         scale = (high - low) / top
-        zero = np.round(-low / np.where(scale == 0, 1, scale))
-    return np.where(scale == 0, 1.0, scale), zero
+        zero = torch.round(-low / torch.where(scale == 0, 1, scale))
+    return torch.where(scale == 0, 1.0, scale), zero
 
 
-def _group_params(columns: np.ndarray, top: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def _group_params(columns: "torch.Tensor", top: int, symmetric: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Scale and zero point per row for one group of columns [..., N, g]: the range [low, high] shrunk by
     the factor (1.0, 0.99, … 0.80) whose rounding error Σ|w − ŵ|^2.4 is least, per row (the GPTQ
-    reference's ``mse`` grid: clipping a few outliers buys resolution for every other weight)."""
-    low = np.minimum(columns.min(axis=-1), 0)
-    high = np.maximum(columns.max(axis=-1), 0)
-    best_scale, best_zero = _range_params(low, high, top, symmetric)
-    best_error = np.full(low.shape, np.inf)
-    for shrink in SHRINK_GRID:
+    reference's ``mse`` grid: clipping a few outliers buys resolution for every other weight). Several
+    factors are tried at once, on a leading axis of at most ``GRID_CHUNK_VALUES`` values."""
+    import torch
+
+    low = columns.amin(dim=-1).clamp(max=0)
+    high = columns.amax(dim=-1).clamp(min=0)
+    grid = torch.from_numpy(SHRINK_GRID.astype(np.float32)).reshape(-1, *[1] * low.dim())
+    best_scale, best_zero, best_error = low, low, torch.full_like(low, torch.inf)
+    for shrink in grid.split(max(1, GRID_CHUNK_VALUES // columns.numel())):
         scale, zero = _range_params(low * shrink, high * shrink, top, symmetric)
-        q = np.clip(np.round(columns / scale[..., None]) + zero[..., None], 0, top)
-        error = (np.abs((q - zero[..., None]) * scale[..., None] - columns) ** ERROR_NORM).sum(axis=-1)
-        better = error < best_error
-        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
-        best_error = np.minimum(error, best_error)
+        q = torch.clamp(torch.round(columns / scale[..., None]) + zero[..., None], 0, top)
+        error = ((q - zero[..., None]) * scale[..., None] - columns).abs_().pow_(ERROR_NORM).sum(dim=-1)
+        least, at = error.min(dim=0)  # the first least, as a scan keeping strict improvements would
+        better = least < best_error
+        best_scale = torch.where(better, scale.gather(0, at[None])[0], best_scale)
+        best_zero = torch.where(better, zero.gather(0, at[None])[0], best_zero)
+        best_error = torch.minimum(least, best_error)
     return best_scale, best_zero
 
 
@@ -49,37 +62,43 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
          symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """W [..., N, K] (rows are outputs), H [..., K, K] → codes [..., N, K'], scales and zero points
     [..., N, K'/block], with K padded to K' (a multiple of ``block``) by zero columns, as MatMulNBits pads.
-    Leading axes are independent problems (the experts of a MoE layer), solved together."""
+    Leading axes are independent problems (the experts of a MoE layer), solved together. The column loop
+    runs in torch, in place (numpy made a temporary per column update)."""
+    import torch
+
     pad = -weight.shape[-1] % block
-    w = np.pad(weight.astype(np.float32), [(0, 0)] * (weight.ndim - 1) + [(0, pad)])
-    k = w.shape[-1]
+    w_np = np.pad(weight.astype(np.float32), [(0, 0)] * (weight.ndim - 1) + [(0, pad)])
+    k = w_np.shape[-1]
     top = (1 << bits) - 1
     diagonal = np.pad(np.diagonal(hessian, axis1=-2, axis2=-1), [(0, 0)] * (hessian.ndim - 2) + [(0, pad)])
     dead = diagonal == 0
-    w = np.where(dead[..., None, :], 0.0, w).astype(np.float32)
-    h_inv = _factor(hessian, dead, pad)
-    codes = np.zeros(w.shape, dtype=np.uint8)
-    scales = np.zeros((*w.shape[:-1], k // block))
-    zeros = np.zeros_like(scales)
+    w = torch.from_numpy(np.where(dead[..., None, :], 0.0, w_np).astype(np.float32))
+    h_inv = torch.from_numpy(_factor(hessian, dead, pad))
+    codes = torch.zeros(w.shape, dtype=torch.uint8)
+    scales = torch.zeros((*w.shape[:-1], k // block), dtype=torch.float64)
+    zeros = torch.zeros_like(scales)
     batch = max(LAZY_BATCH, block)
     for start in range(0, k, batch):
         end = min(start + batch, k)
-        w1 = w[..., start:end].copy()
-        errors = np.zeros_like(w1)
+        w1 = w[..., start:end].clone()
+        errors = torch.zeros_like(w1)
         h1 = h_inv[..., start:end, start:end]
         for i in range(end - start):
             column = start + i
             if column % block == 0:
-                group = np.concatenate([w1[..., i:], w[..., end:end + block]], axis=-1)[..., :block]
+                group = torch.cat([w1[..., i:], w[..., end:end + block]], dim=-1)[..., :block]
                 scale, zero = _group_params(group, top, symmetric)
                 scales[..., column // block], zeros[..., column // block] = scale, zero
-            q = np.clip(np.round(w1[..., i] / scale) + zero, 0, top)
-            codes[..., column] = q
+            q = torch.clamp(torch.round(w1[..., i] / scale) + zero, 0, top)
+            codes[..., column] = q.to(torch.uint8)
             error = (w1[..., i] - (q - zero) * scale) / h1[..., i, i][..., None]
-            w1[..., i:] -= error[..., :, None] * h1[..., None, i, i:]
+            if w1.dim() == 2:
+                w1[:, i:].addr_(error, h1[i, i:], alpha=-1)
+            else:
+                w1[..., i:] -= error[..., :, None] * h1[..., None, i, i:]
             errors[..., i] = error
         w[..., end:] -= errors @ h_inv[..., start:end, end:]
-    return codes, scales, zeros
+    return codes.numpy(), scales.numpy(), zeros.numpy()
 
 
 _reused: list[tuple[np.ndarray, int, np.ndarray]] | None = None  # inside ``reused_factors``: (H, pad, factor)
@@ -113,14 +132,38 @@ def _factor(hessian: np.ndarray, dead: np.ndarray, pad: int) -> np.ndarray:
 
 
 def _inverse_cholesky(hessian: np.ndarray, diagonal: np.ndarray, pad: int) -> np.ndarray:
-    """The upper Cholesky factor of (H, padded, with ``diagonal``)⁻¹ in float32, through H's own Cholesky
-    factor (the GPTQ reference's steps: about K³ operations, against 2K³ for an explicit inverse)."""
+    """The upper Cholesky factor U of (H, padded, with ``diagonal``)⁻¹ in float32, without forming the inverse:
+    with J the order-reversing permutation, J·H·J = L·Lᵀ gives H = R·Rᵀ with R = J·L·J upper triangular, so
+    H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹ (one Cholesky and one triangular inverse: 13 s for K = 12288 on two cores,
+    against 18 s for the GPTQ reference's Cholesky, cholesky_inverse and second Cholesky)."""
     import torch
 
-    h = torch.from_numpy(np.pad(hessian.astype(np.float32), [(0, 0)] * (hessian.ndim - 2) + [(0, pad), (0, pad)]))
-    h.diagonal(dim1=-2, dim2=-1).copy_(torch.from_numpy(diagonal.astype(np.float32)))
-    lower = torch.linalg.cholesky(h)
+    h = torch.from_numpy(hessian.astype(np.float32, copy=False))
+    if pad:
+        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
+    flipped = h.flip(-2, -1)  # a copy: H itself is left as it was
     del h
-    inverse = torch.cholesky_inverse(lower)
+    flipped.diagonal(dim1=-2, dim2=-1).copy_(torch.from_numpy(diagonal.astype(np.float32)).flip(-1))
+    lower = torch.linalg.cholesky(flipped)
+    del flipped
+    upper = lower.flip(-2, -1)
     del lower
-    return torch.linalg.cholesky(inverse, upper=True).numpy()
+    return _upper_inverse(upper).numpy()
+
+
+TRIANGULAR_LEAF = 512  # below this, a triangular solve
+
+
+def _upper_inverse(r: "torch.Tensor") -> "torch.Tensor":
+    """R⁻¹ of upper-triangular R [..., K, K], written over R, by halves: [[A, B], [0, C]]⁻¹ =
+    [[A⁻¹, −A⁻¹·B·C⁻¹], [0, C⁻¹]]. Matrix products instead of a triangular solve against the identity
+    (2K³/3 operations, not K³), and no second K×K buffer."""
+    import torch
+
+    k = r.shape[-1]
+    if k <= TRIANGULAR_LEAF:
+        return r.copy_(torch.linalg.solve_triangular(r, torch.eye(k, dtype=r.dtype).expand_as(r), upper=True))
+    m = k // 2
+    a_inverse, c_inverse = _upper_inverse(r[..., :m, :m]), _upper_inverse(r[..., m:, m:])
+    r[..., :m, m:] = -((a_inverse @ r[..., :m, m:]) @ c_inverse)
+    return r

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -255,3 +256,21 @@ def test_int8_activations_select_the_integer_kernel_only_where_the_recipe_says(p
     with pytest.raises(UsageError, match="not to MoE experts"):
         quantize_package(fp32, tmp_path / "out", str(recipe))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", [(700,), (3, 200)], ids=["one H (two levels of halves)", "experts' H"])
+def test_gptq_factor_is_the_upper_cholesky_factor_of_the_inverse(shape: tuple[int, ...]) -> None:
+    from gemma4_onnx.quantize import gptq
+
+    rng = np.random.default_rng(0)
+    k = shape[-1]
+    x = rng.standard_normal((*shape[:-1], 3 * k, k)).astype(np.float32) * rng.uniform(0.1, 3, k).astype(np.float32)
+    h = np.swapaxes(x, -1, -2) @ x
+    diagonal = np.diagonal(h, axis1=-2, axis2=-1) * 1.01
+    factor = gptq._inverse_cholesky(h, diagonal, pad=0)
+    damped = h.astype(np.float64)
+    idx = np.arange(k)
+    damped[..., idx, idx] = diagonal
+    expected = np.swapaxes(np.linalg.cholesky(np.linalg.inv(damped)), -1, -2)
+    assert np.array_equal(factor, np.triu(factor))
+    assert np.abs(factor - expected).max() <= 1e-5 * np.abs(expected).max()
