@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_builder
 import bench_decode
 import bench_full_size
 import bench_topk_moe
@@ -36,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "topk_moe": bench_topk_moe.section,
     "decode": bench_decode.section,
+    "builder": bench_builder.section,
     "full_size": bench_full_size.section,
 }
 LIBRARIES = ("gemma4-onnx", "onnxruntime", "onnx", "onnxscript", "onnx-ir", "numpy", "torch", "transformers")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gemma4_onnx import __version__
 from gemma4_onnx.errors import Gemma4OnnxError
+from gemma4_onnx.memory import return_freed_memory
 from gemma4_onnx.progress import say, set_quiet
 
 Handler = Callable[[argparse.Namespace], int]
@@ -48,6 +49,7 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from gemma4_onnx.exporter.package import export_package
 
+    return_freed_memory()
     out = export_package(args.source, Path(args.out_dir), force=args.force, structure_only=args.structure_only,
                          target=args.target, recipe=args.recipe, budget_bits=args.budget_bits,
                          calibration=Path(args.calibration) if args.calibration else None,
@@ -87,6 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from gemma4_onnx.quantize.job import quantize_package
 
+    return_freed_memory()
     calibration = Path(args.calibration) if args.calibration else None
     out = quantize_package(Path(args.model_dir), Path(args.out_dir), args.recipe, force=args.force,
                            calibration=calibration, budget_bits=args.budget_bits,

@@ -1,0 +1,181 @@
+"""Our int4 graphs against the onnxruntime-genai model builder's, decode ms/token on the same layer shapes.
+
+The builder (``onnxruntime_genai.models.builder``) cannot build E2B as it ships: it has no per-layer
+embeddings and no KV sharing. What it builds with E2B's layer widths is a Gemma 3 dense stack, so that is
+what both sides get here, with random weights:
+
+* the builder: a ``Gemma3ForCausalLM`` checkpoint (bf16) with hidden 1536, 8 query heads and 1 KV head of
+  256, MLP 6144, sliding window 512 and the first ``LAYERS`` layer types of E2B, built with ``-p int4 -e cpu``
+  (its own int4 settings, read back from its graph);
+* ours: the Gemma 4 text config of E2B cut to the same ``LAYERS`` layers with per-layer embeddings, KV
+  sharing and the double-wide MLP turned off (``e2b-dense``, registered in the export subprocess),
+  exported with the int4 round-to-nearest recipe of ``bench_full_size``, ``--target portable`` and
+  ``--target ort``.
+
+Both use a ``VOCAB``-token vocabulary so the LM head does not dominate a short stack. What still differs,
+and is stated in the table: Gemma 4's full layers have heads of 512 (Gemma 3's: 256), Gemma 4 adds the
+value norm and layer scalar, and each side uses its own int4 kernels' settings. Decode is timed round-robin
+after a ``CONTEXT``-token prompt: the builder's folder through onnxruntime-genai (the runtime it targets), ours
+through ``runtime.text_model`` (numpy + onnxruntime sessions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+from bench_decode import OnnxRunner
+from bench_full_size import RTN_RECIPE, run_measured
+from measure import Section, interleaved_ms
+
+LAYERS = 8
+VOCAB = 16384
+CONTEXT = 128
+DECODE_STEPS = 16
+GOAL = 1.1  # ours at least 1.1× the builder's decode speed
+
+DENSE_CLI = [sys.executable, "-c", """
+import sys
+from gemma4_onnx.cli import main
+from gemma4_onnx.exporter import variants
+base, layers, vocab = sys.argv.pop(1), int(sys.argv.pop(1)), int(sys.argv.pop(1))
+config = variants.variant_config(base)
+text = config["text_config"]
+text.update(num_hidden_layers=layers, layer_types=text["layer_types"][:layers], num_kv_shared_layers=0,
+            hidden_size_per_layer_input=0, use_double_wide_mlp=False, vocab_size=vocab,
+            vocab_size_per_layer_input=vocab)
+config.update(vision_config=None, audio_config=None)
+variants.REGISTRY["e2b-dense"] = variants.Variant("e2b-dense", "e2b", config)
+sys.exit(main(sys.argv[1:]))
+"""]
+
+
+# onnxruntime-genai 0.18's builder reads Gemma 3's RoPE as transformers 4 wrote it (a flat ``rope_parameters`` and
+# ``rope_local_base_freq``); transformers 5.23 nests it per layer type. The builder runs unchanged, its config
+# read through this adapter.
+BUILDER_CLI = [sys.executable, "-c", """
+import runpy, sys
+import transformers
+load = transformers.AutoConfig.from_pretrained
+def flat_rope(*args, **kwargs):
+    config = load(*args, **kwargs)
+    nested = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in nested:
+        config.rope_local_base_freq = nested["sliding_attention"]["rope_theta"]
+        config.rope_parameters = dict(nested["full_attention"])
+    return config
+transformers.AutoConfig.from_pretrained = flat_rope
+sys.argv[0] = "builder"
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""]
+
+
+def gemma3_checkpoint(directory: Path, layers: int, quick: bool) -> Path:
+    """A random bf16 Gemma3ForCausalLM with E2B's layer widths (tiny widths with ``quick``)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from gemma4_onnx.exporter.variants import variant_config
+
+    text = variant_config("tiny-e2b" if quick else "e2b")["text_config"]
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+        num_hidden_layers=layers, num_attention_heads=text["num_attention_heads"],
+        num_key_value_heads=text["num_key_value_heads"], head_dim=text["head_dim"],
+        sliding_window=text["sliding_window"], layer_types=text["layer_types"][:layers],
+        max_position_embeddings=4096, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    return directory
+
+
+class GenaiRunner:
+    """The builder's folder run by onnxruntime-genai, the runtime it is built for (its sliding layers keep
+    ring-buffer caches that runtime manages): a prompt appended, then one ``generate_next_token`` per step."""
+
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(folder))
+
+    def prefill(self, ids: list[int]) -> Any:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + 4 * DECODE_STEPS)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        return generator
+
+    def step(self, generator: Any, token: int) -> None:
+        generator.generate_next_token()
+
+
+def _int4_settings(model: Path) -> str:
+    graph = onnx.load(model, load_external_data=False).graph
+    settings = set()
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            settings.add(f"bits {attributes.get('bits')}, block {attributes.get('block_size')}, "
+                         f"accuracy_level {attributes.get('accuracy_level', 0)}")
+    return "; ".join(sorted(settings)) or "no MatMulNBits"
+
+
+def section(quick: bool) -> Section:
+    layers = 4 if quick else LAYERS
+    title = (f"Decode vs the onnxruntime-genai model builder: int4, a dense stack of {layers} "
+             f"{'tiny' if quick else 'E2B-width'} layers")
+    root = Path(tempfile.mkdtemp(prefix="gemma4-bench-builder-", dir=os.environ.get("GEMMA4_BENCH_TMP")))
+    try:
+        checkpoint = gemma3_checkpoint(root / "gemma3", layers, quick)
+        builder = root / "builder-int4"
+        build = run_measured([*BUILDER_CLI, "-i", str(checkpoint), "-o", str(builder), "-p", "int4", "-e", "cpu",
+                              "-c", str(root / "cache")])
+        recipe = root / "int4-rtn.toml"
+        recipe.write_text(RTN_RECIPE)
+        ours = {}
+        for target in ("portable", "ort"):
+            ours[target] = root / f"ours-{target}"
+            run_measured([*DENSE_CLI, "tiny-e2b" if quick else "e2b", str(layers), str(VOCAB), "export", "e2b-dense",
+                          str(ours[target]), "--recipe", str(recipe), "--target", target, "--quiet"])
+        runners = {"builder int4": GenaiRunner(builder), "ours int4 portable": OnnxRunner(ours["portable"]),
+                   "ours int4 ort": OnnxRunner(ours["ort"])}
+        prompt = list(range(10, 10 + (16 if quick else CONTEXT)))
+        caches = {name: runner.prefill(prompt) for name, runner in runners.items()}
+        samples = interleaved_ms({name: (lambda i, r=runner, c=caches[name]: r.step(c, 7 + i % 5))
+                                  for name, runner in runners.items()}, 4 if quick else DECODE_STEPS, 2)
+        builder_settings = _int4_settings(builder / "model.onnx")
+        our_settings = _int4_settings(ours["portable"] / "blocks" / "layer_00.onnx")
+        builder_config = json.loads((builder / "genai_config.json").read_text())["model"]["type"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    section = Section("builder", title, {
+        "layers": layers, "vocabulary": VOCAB, "context": 16 if quick else CONTEXT,
+        "builder model type": builder_config, "builder int4": builder_settings, "ours int4": our_settings})
+    figures = {name: section.figure(f"{name} decode ms/token", "ms", values) for name, values in samples.items()}
+    section.columns = ["graphs", "decode ms/token", "builder / this"]
+    reference = figures["builder int4"]
+    for name, figure in figures.items():
+        ratio = section.ratio(f"builder / {name}", reference, figure)
+        section.rows.append([name, f"{figure.median:.2f}", f"{ratio.value:.2f}×"])
+    best = max(("ours int4 portable", "ours int4 ort"), key=lambda n: reference.median / figures[n].median)
+    speedup = reference.median / figures[best].median
+    section.findings += [
+        f"Compared: a Gemma 3 dense stack built by the builder (`{builder_config}`) against our Gemma 4 text "
+        f"graphs of the same widths with PLE, KV sharing and the double-wide MLP off; {layers} layers, "
+        f"{VOCAB}-token vocabulary. Differences kept: our full layers have 512-wide heads (Gemma 4), "
+        "the value norm and layer scalar. The builder (onnxruntime-genai 0.18) reads the checkpoint's RoPE "
+        "settings through an adapter: it expects transformers 4's flat layout, transformers 5.23 nests them.",
+        f"Builder graph build: {build['seconds']:.0f} s, {build['peak_rss_bytes'] / (1 << 30):.2f} GiB peak RSS.",
+        f"Ours ({best}) decodes {speedup:.2f}× the builder's speed (goal ≥ {GOAL}×: "
+        f"{'met' if speedup >= GOAL else 'not met'}).",
+    ]
+    return section
