@@ -18,7 +18,7 @@ LAZY_BATCH = 128
 DAMPING = 0.01
 SHRINK_GRID = np.linspace(1.0, 0.8, 21)
 ERROR_NORM = 2.4
-GRID_CHUNK_VALUES = 1 << 24  # trial values per step of the range search (64 MB of float32)
+GRID_CHUNK_VALUES = 1 << 19  # trial values per step of the range search: 2 MB temporaries (gemma4_onnx.memory)
 
 
 def _range_params(low: "torch.Tensor", high: "torch.Tensor", top: int,
