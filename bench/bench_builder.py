@@ -100,15 +100,16 @@ class GenaiRunner:
     """The builder's folder run by onnxruntime-genai, the runtime it is built for (its sliding layers keep
     ring-buffer caches that runtime manages): a prompt appended, then one ``generate_next_token`` per step."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, window: int) -> None:
         import onnxruntime_genai as og
 
         self.og = og
         self.model = og.Model(str(folder))
+        self.window = window  # its sliding layers' cache buffers must hold a window: max_length ≥ W
 
     def prefill(self, ids: list[int]) -> Any:
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + 4 * DECODE_STEPS)
+        params.set_search_options(do_sample=False, max_length=max(len(ids) + 4 * DECODE_STEPS, self.window))
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(ids)
         return generator
@@ -145,7 +146,8 @@ def section(quick: bool) -> Section:
             ours[target] = root / f"ours-{target}"
             run_measured([*DENSE_CLI, "tiny-e2b" if quick else "e2b", str(layers), str(VOCAB), "export", "e2b-dense",
                           str(ours[target]), "--recipe", str(recipe), "--target", target, "--quiet"])
-        runners = {"builder int4": GenaiRunner(builder), "ours int4 portable": OnnxRunner(ours["portable"]),
+        window = json.loads((checkpoint / "config.json").read_text())["sliding_window"]
+        runners = {"builder int4": GenaiRunner(builder, window), "ours int4 portable": OnnxRunner(ours["portable"]),
                    "ours int4 ort": OnnxRunner(ours["ort"])}
         prompt = list(range(10, 10 + (16 if quick else CONTEXT)))
         caches = {name: runner.prefill(prompt) for name, runner in runners.items()}
