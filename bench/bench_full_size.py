@@ -25,12 +25,13 @@ import mobile_rss
 from bench_decode import OnnxRunner, read_bandwidth_gbs, weight_bytes_per_token
 from measure import Section, time_ms
 
-RTN_RECIPE = """description = "int4 round-to-nearest (block 32, asymmetric); int8 embeddings, PLE, towers; router float"
+RTN_RECIPE = """description = "int4 RTN (block 32, asym., int8 activations); int8 embeddings, PLE, towers; router float"
 [default]
 bits = 4
 block_size = 32
 symmetric = false
 algorithm = "rtn"
+activations = "int8"
 [[rules]]
 name = "router float"
 match = 'router\\.proj\\.weight$'
