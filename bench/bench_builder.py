@@ -33,28 +33,14 @@ import onnx
 from bench_decode import OnnxRunner
 from bench_full_size import RTN_RECIPE, run_measured
 from measure import Section, interleaved_ms
+from variant_cli import shallow, variant_cli
 
 LAYERS = 8
 VOCAB = 16384
 CONTEXT = 128
 DECODE_STEPS = 16
 GOAL = 1.1  # ours at least 1.1× the builder's decode speed
-
-DENSE_CLI = [sys.executable, "-c", """
-import sys
-from gemma4_onnx.cli import main
-from gemma4_onnx.exporter import variants
-base, layers, vocab = sys.argv.pop(1), int(sys.argv.pop(1)), int(sys.argv.pop(1))
-config = variants.variant_config(base)
-text = config["text_config"]
-text.update(num_hidden_layers=layers, layer_types=text["layer_types"][:layers], num_kv_shared_layers=0,
-            hidden_size_per_layer_input=0, use_double_wide_mlp=False, vocab_size=vocab,
-            vocab_size_per_layer_input=vocab)
-config.update(vision_config=None, audio_config=None)
-variants.REGISTRY["e2b-dense"] = variants.Variant("e2b-dense", "e2b", config)
-sys.exit(main(sys.argv[1:]))
-"""]
-
+NO_MEDIA = {"vision_config": None, "audio_config": None}
 
 # onnxruntime-genai 0.18's builder reads Gemma 3's RoPE as transformers 4 wrote it (a flat ``rope_parameters`` and
 # ``rope_local_base_freq``); transformers 5.23 nests it per layer type. The builder runs unchanged, its config
@@ -141,11 +127,14 @@ def section(quick: bool) -> Section:
                               "-c", str(root / "cache")])
         recipe = root / "int4-rtn.toml"
         recipe.write_text(RTN_RECIPE)
+        base = "tiny-e2b" if quick else "e2b"
+        dense = {**shallow(base, layers), "num_kv_shared_layers": 0, "hidden_size_per_layer_input": 0,
+                 "use_double_wide_mlp": False, "vocab_size": VOCAB, "vocab_size_per_layer_input": VOCAB}
         ours = {}
         for target in ("portable", "ort"):
             ours[target] = root / f"ours-{target}"
-            run_measured([*DENSE_CLI, "tiny-e2b" if quick else "e2b", str(layers), str(VOCAB), "export", "e2b-dense",
-                          str(ours[target]), "--recipe", str(recipe), "--target", target, "--quiet"])
+            run_measured([*variant_cli(base, "e2b-dense", dense, NO_MEDIA), "export",
+                          "e2b-dense", str(ours[target]), "--recipe", str(recipe), "--target", target, "--quiet"])
         window = json.loads((checkpoint / "config.json").read_text())["sliding_window"]
         runners = {"builder int4": GenaiRunner(builder, window), "ours int4 portable": OnnxRunner(ours["portable"]),
                    "ours int4 ort": OnnxRunner(ours["ort"])}

@@ -24,6 +24,8 @@ from typing import Any
 import mobile_rss
 from bench_decode import OnnxRunner, read_bandwidth_gbs, weight_bytes_per_token
 from measure import Section, time_ms
+from variant_cli import shallow as shallow_text
+from variant_cli import variant_cli
 
 RTN_RECIPE = """description = "int4 RTN (block 32, asym., int8 activations); int8 embeddings, PLE, towers; router float"
 [default]
@@ -43,20 +45,6 @@ match = 'embed_tokens|embed_tokens_per_layer|vision_tower|audio_tower|embed_visi
 bits = 8
 """
 CLI = [sys.executable, "-m", "gemma4_onnx.cli"]
-# The CLI with one more variant registered: VARIANT cut to its first LAYERS layers (KV sharing scaled).
-SHALLOW_CLI = [sys.executable, "-c", """
-import sys
-from gemma4_onnx.cli import main
-from gemma4_onnx.exporter import variants
-base, layers = sys.argv.pop(1), int(sys.argv.pop(1))
-config = variants.variant_config(base)
-text = config["text_config"]
-shared = round(text["num_kv_shared_layers"] * layers / text["num_hidden_layers"])
-shared = min(shared, layers - text["layer_types"].index("full_attention") - 1)  # a producer of each type stays
-text.update(num_hidden_layers=layers, layer_types=text["layer_types"][:layers], num_kv_shared_layers=shared)
-variants.REGISTRY["shallow"] = variants.Variant("shallow", variants.get_variant(base).family, config)
-sys.exit(main(sys.argv[1:]))
-"""]
 SHALLOW_LAYERS = 8
 CALIBRATION_TOKENS = 4096  # the default (16384) spends 4× the calibration time; this is what the goals are held to
 STREAMED = f"export --recipe int4 --calibration-tokens {CALIBRATION_TOKENS} (one pass)"
@@ -105,7 +93,8 @@ def section(quick: bool) -> Section:
         shutil.rmtree(streamed)
         shallow = root / "fp32-shallow"
         steps[f"export fp32, first {SHALLOW_LAYERS} layers"] = run_measured(
-            [*SHALLOW_CLI, variant, str(SHALLOW_LAYERS), "export", "shallow", str(shallow), "--quiet"])
+            [*variant_cli(variant, "shallow", shallow_text(variant, SHALLOW_LAYERS)), "export", "shallow", str(shallow),
+             "--quiet"])
         shutil.rmtree(shallow)
         steps |= {
             "export fp32": run_measured([*CLI, "export", variant, str(fp32), "--quiet"]),

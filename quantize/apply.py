@@ -27,6 +27,7 @@ from gemma4_onnx.graphs.domain import ORT_CONTRIB_DOMAIN, import_ort_contrib
 from gemma4_onnx.graphs.external_data import PackageWriter, external_entries
 from gemma4_onnx.graphs.topk_moe import NBITS
 from gemma4_onnx.quantize.blockwise import blockwise
+from gemma4_onnx.quantize.calibration import ExpertHessians, Hessians
 from gemma4_onnx.quantize.experts import (
     DOWN,
     GATE_UP,
@@ -77,7 +78,7 @@ class _Graph:
 class Quantizer:
     def __init__(self, tensors: FloatTensors, staging: Path, plan: list[Entry], ple_dim: int) -> None:
         self.tensors = tensors
-        self.hessians: dict[str, np.ndarray] = {}  # of the weights being quantized now (``calibration``)
+        self.hessians: Hessians = {}  # of the weights being quantized now (``calibration``)
         self.ple_dim = ple_dim
         self.plan = {e.candidate.name: e for e in plan}
         self.writer = PackageWriter(staging)
@@ -105,12 +106,15 @@ class Quantizer:
         names = quantized_names(name, decision)
         if names[0] not in self.writer.written:
             tensor, graph_dir = self.sources[name]
+            statistics = self.hessians.get(name)
             if len(tensor.dims) == 3:
+                assert statistics is None or isinstance(statistics, ExpertHessians)
                 packed, scales, zero_points = quantize_experts(self.tensors.array(tensor, graph_dir), decision,
-                                                               self.hessians.get(name))
+                                                               statistics)
             else:
+                assert statistics is None or isinstance(statistics, np.ndarray)
                 packed, scales, zero_points = blockwise_rows(self.tensors.row_chunks(tensor, graph_dir),
-                                                             int(tensor.dims[0]), decision, self.hessians.get(name))
+                                                             int(tensor.dims[0]), decision, statistics)
             self._write(names, (packed, scales.astype(np.float16), zero_points), self._location(name))
         return names, decision
 

@@ -7,11 +7,12 @@ experts it hits and nothing else::
     gate_up_proj [E, 2I, H] float  →  gate_up_proj.q4 [E, 2I, H/b, b/2], .scales [E, 2I, H/b] fp16,
                                       .zero_points [E, 2I, ⌈H/2b⌉]
 
-GPTQ statistics come per expert from the tokens routed to it (``calibration.expert_hessians``); an
+GPTQ statistics come per expert from the tokens routed to it (``calibration.ExpertHessians``); an
 expert that no calibration token reached has no statistics and is rounded to nearest.
 """
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -24,7 +25,11 @@ from gemma4_onnx.quantize.blockwise import blockwise, pack
 from gemma4_onnx.quantize.gptq import gptq
 from gemma4_onnx.quantize.recipe import Decision
 
+if TYPE_CHECKING:
+    from gemma4_onnx.quantize.calibration import ExpertHessians
+
 GATE_UP, DOWN = 5, 6  # TopKMoE's inputs
+EXPERT_GROUP = 8  # experts GPTQ solves together: 8 × 2816² floats of H on 26B-A4B, 0.25 GB
 
 
 def is_topk_moe(node: onnx.NodeProto) -> bool:
@@ -32,18 +37,18 @@ def is_topk_moe(node: onnx.NodeProto) -> bool:
 
 
 def quantize_experts(weight: np.ndarray, decision: Decision,
-                     hessians: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     hessians: "ExpertHessians | None") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[E, N, K] → stacked (codes, scales, zero points), one MatMulNBits slice per expert; GPTQ solves
-    the experts calibration reached together, the others are rounded to nearest."""
+    the experts calibration reached, ``EXPERT_GROUP`` at a time, the others are rounded to nearest."""
     experts = weight.shape[0]
     slices: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     if hessians is not None and decision.algorithm == "gptq":
         assert decision.bits is not None
-        hit = [e for e in range(experts) if np.trace(hessians[e]) > 0]
-        if hit:
-            codes, scales, zeros = gptq(weight[hit], hessians[hit], decision.bits, decision.block_size,
-                                        decision.symmetric)
-            for i, expert in enumerate(hit):
+        for start in range(0, len(hessians.reached), EXPERT_GROUP):
+            group = hessians.reached[start:start + EXPERT_GROUP]
+            codes, scales, zeros = gptq(np.asarray(weight[group], np.float32), hessians[group], decision.bits,
+                                        decision.block_size, decision.symmetric)
+            for i, expert in enumerate(group):
                 slices[expert] = pack(codes[i], scales[i], zeros[i], decision)
     nearest = replace(decision, algorithm="rtn")
     for expert in range(experts):

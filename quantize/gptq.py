@@ -2,7 +2,7 @@
 quantized, weighted by the layer's input statistics H = Σ xᵀx over calibration text (Frantar et al.,
 2022). onnxruntime ships a GPTQ (``neural_compressor.weight_only.gptq``) but it returns only the
 fake-quantized weights, not the integer codes, scales and zero points MatMulNBits stores: this one
-returns those, and follows the same algorithm (damping 1 % of the mean diagonal, lazy batches, float32).
+returns those, and follows the same algorithm (damping 1 % of the mean diagonal, lazy updates, float32).
 Its cost is about K³ per weight (the factorization of H): ~11 s for K = 12288 on two cores."""
 
 import contextlib
@@ -14,7 +14,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-LAZY_BATCH = 128
+LEAF_COLUMNS = 32  # columns updated one at a time (``gptq``): 32 was fastest of 32, 64 and 128
 DAMPING = 0.01
 SHRINK_GRID = np.linspace(1.0, 0.8, 21)
 ERROR_NORM = 2.4
@@ -62,43 +62,73 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
          symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """W [..., N, K] (rows are outputs), H [..., K, K] → codes [..., N, K'], scales and zero points
     [..., N, K'/block], with K padded to K' (a multiple of ``block``) by zero columns, as MatMulNBits pads.
-    Leading axes are independent problems (the experts of a MoE layer), solved together. The column loop
-    runs in torch, in place (numpy made a temporary per column update)."""
+    Leading axes are independent problems (the experts of a MoE layer), solved together.
+
+    The lazy updates are blocked recursively: the first half of the columns is solved, its errors reach the
+    second half in one matrix product, then the second half is solved, down to ``LEAF_COLUMNS`` columns
+    updated one at a time. W is held transposed, so a column is a contiguous row. Against the reference's
+    flat 128-column batches, E4B's down_proj (2560 × 10240) takes 3.6 s, was 8.6 s."""
     import torch
 
     pad = -weight.shape[-1] % block
     w_np = np.pad(weight.astype(np.float32), [(0, 0)] * (weight.ndim - 1) + [(0, pad)])
-    k = w_np.shape[-1]
     top = (1 << bits) - 1
     diagonal = np.pad(np.diagonal(hessian, axis1=-2, axis2=-1), [(0, 0)] * (hessian.ndim - 2) + [(0, pad)])
     dead = diagonal == 0
-    w = torch.from_numpy(np.where(dead[..., None, :], 0.0, w_np).astype(np.float32))
+    w_t = torch.from_numpy(np.ascontiguousarray(np.swapaxes(np.where(dead[..., None, :], 0.0, w_np), -1, -2),
+                                                dtype=np.float32))  # [..., K, N]
     h_inv = torch.from_numpy(_factor(hessian, diagonal, pad))
-    codes = torch.zeros(w.shape, dtype=torch.uint8)
-    scales = torch.zeros((*w.shape[:-1], k // block), dtype=torch.float64)
-    zeros = torch.zeros_like(scales)
-    batch = max(LAZY_BATCH, block)
-    for start in range(0, k, batch):
-        end = min(start + batch, k)
-        w1 = w[..., start:end].clone()
-        errors = torch.zeros_like(w1)
-        h1 = h_inv[..., start:end, start:end]
+    solver = _Solver(w_t, h_inv, top, block, symmetric)
+    solver.solve(0, w_t.shape[-2])
+    return (solver.codes.transpose(-1, -2).numpy(), solver.scales.numpy().astype(np.float64),
+            solver.zeros.numpy().astype(np.float64))
+
+
+class _Solver:
+    def __init__(self, w_t: "torch.Tensor", h_inv: "torch.Tensor", top: int, block: int, symmetric: bool) -> None:
+        import torch
+
+        self.w_t, self.h_inv, self.top, self.block, self.symmetric = w_t, h_inv, top, block, symmetric
+        k, n = w_t.shape[-2:]
+        self.leaf = max(LEAF_COLUMNS, block)
+        self.codes = torch.zeros(w_t.shape, dtype=torch.uint8)
+        self.scales = torch.zeros((*w_t.shape[:-2], n, k // block), dtype=torch.float32)
+        self.zeros = torch.zeros_like(self.scales)
+        self.errors = torch.empty_like(w_t)
+
+    def solve(self, start: int, end: int) -> None:
+        if end - start <= self.leaf:
+            self._columns(start, end)
+            return
+        middle = start + ((end - start) // 2 + self.leaf - 1) // self.leaf * self.leaf
+        self.solve(start, middle)
+        rest, update = self.w_t[..., middle:end, :], self.h_inv[..., start:middle, middle:end].transpose(-1, -2)
+        if rest.dim() == 2:
+            rest.addmm_(update, self.errors[start:middle], alpha=-1)
+        else:
+            rest -= update @ self.errors[..., start:middle, :]
+        self.solve(middle, end)
+
+    def _columns(self, start: int, end: int) -> None:
+        """Columns start…end one at a time (``start`` begins a group: leaves are whole groups)."""
+        import torch
+
+        w1, h1 = self.w_t[..., start:end, :], self.h_inv[..., start:end, start:end]
         for i in range(end - start):
             column = start + i
-            if column % block == 0:
-                group = torch.cat([w1[..., i:], w[..., end:end + block]], dim=-1)[..., :block]
-                scale, zero = _group_params(group, top, symmetric)
-                scales[..., column // block], zeros[..., column // block] = scale, zero
-            q = torch.clamp(torch.round(w1[..., i] / scale) + zero, 0, top)
-            codes[..., column] = q.to(torch.uint8)
-            error = (w1[..., i] - (q - zero) * scale) / h1[..., i, i][..., None]
+            if column % self.block == 0:
+                group = self.w_t[..., column:column + self.block, :].transpose(-1, -2)
+                scale, zero = _group_params(group, self.top, self.symmetric)
+                self.scales[..., column // self.block], self.zeros[..., column // self.block] = scale, zero
+            row = w1[..., i, :]
+            q = torch.clamp(torch.round(row / scale) + zero, 0, self.top)
+            self.codes[..., column, :] = q.to(torch.uint8)
+            error = (row - (q - zero) * scale) / h1[..., i, i][..., None]
             if w1.dim() == 2:
-                w1[:, i:].addr_(error, h1[i, i:], alpha=-1)
+                w1[i + 1:].addr_(h1[i, i + 1:], error, alpha=-1)
             else:
-                w1[..., i:] -= error[..., :, None] * h1[..., None, i, i:]
-            errors[..., i] = error
-        w[..., end:] -= errors @ h_inv[..., start:end, end:]
-    return codes.numpy(), scales.numpy(), zeros.numpy()
+                w1[..., i + 1:, :] -= h1[..., i, i + 1:, None] * error[..., None, :]
+            self.errors[..., column, :] = error
 
 
 _reused: list[tuple[np.ndarray, int, np.ndarray]] | None = None  # inside ``reused_factors``: (H, pad, factor)

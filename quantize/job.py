@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from gemma4_onnx import __version__
@@ -28,7 +27,7 @@ from gemma4_onnx.progress import progress, say
 from gemma4_onnx.quantize.apply import PLAN_KEY, Quantizer
 from gemma4_onnx.quantize.blockwise import average_bits, bits_per_weight
 from gemma4_onnx.quantize.budget import spend, upgradable
-from gemma4_onnx.quantize.calibration import HessianWalk, token_limit
+from gemma4_onnx.quantize.calibration import Hessians, HessianWalk, token_limit
 from gemma4_onnx.quantize.float_tensors import FloatTensors, PackageTensors
 from gemma4_onnx.quantize.memo import recall, remember_result, remembered
 from gemma4_onnx.quantize.plan import Entry, resolve
@@ -221,7 +220,7 @@ class QuantizeJob:
     def _layer_of(self, file: str) -> int | None:
         return next((b["layer"] for b in self.manifest["graphs"]["blocks"] if b["file"] == file), None)
 
-    def _step(self, walk: HessianWalk, file: str) -> dict[str, np.ndarray]:
+    def _step(self, walk: HessianWalk, file: str) -> Hessians:
         layer = self._layer_of(file)
         if layer is not None:
             return walk.layer(self.geometry.layers[layer])

@@ -240,16 +240,25 @@ def test_encoder_towers_are_quantized_to_int8_and_keep_their_soft_tokens(recipe:
         assert block_parity(name, reference, ours)["cosine"] >= tolerances.SOFT_TOKEN_INT8_MIN_COSINE, name
 
 
-def test_int8_activations_select_the_integer_kernel_only_where_the_recipe_says(packages, exported, tmp_path) -> None:
-    _, package = packages("tiny-e2b", "int4")
+def _accuracy_levels(package: Path) -> dict[str, int]:
     levels: dict[str, int] = {}
     for node in onnx.load(package / "decoder.onnx", load_external_data=False).graph.node:
         if node.op_type == "MatMulNBits":
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             levels[node.input[1]] = attributes["accuracy_level"]
-    int8_rules = [name for name in levels if ".k_proj." in name or "embed_tokens.weight" in name]
-    assert int8_rules and all(levels[name] == 4 for name in int8_rules)
-    assert {levels[name] for name in levels if ".q_proj." in name} == {1}
+    return levels
+
+
+def test_int8_activations_select_the_integer_kernel_only_where_the_recipe_says(packages, exported, tmp_path) -> None:
+    _, package = packages("tiny-e2b", "int4")
+    levels = _accuracy_levels(package)
+    assert any(".q_proj." in name for name in levels) and set(levels.values()) == {4}  # the built-in int4
+    _, fp32 = exported("tiny-e2b")
+    recipe = tmp_path / "q_only.toml"
+    recipe.write_text('[default]\nbits = 4\n[[rules]]\nmatch = "q_proj"\nactivations = "int8"\n')
+    levels = _accuracy_levels(quantize_package(fp32, tmp_path / "q_only", str(recipe)))
+    assert {levels[name] for name in levels if ".q_proj." in name} == {4}
+    assert {levels[name] for name in levels if ".q_proj." not in name} == {1}
     recipe = tmp_path / "experts.toml"
     recipe.write_text('[default]\nbits = 4\nactivations = "int8"\n[[rules]]\nmatch = "router"\nbits = "float"\n')
     _, fp32 = exported("tiny-26b-a4b")
@@ -274,3 +283,39 @@ def test_gptq_factor_is_the_upper_cholesky_factor_of_the_inverse(shape: tuple[in
     expected = np.swapaxes(np.linalg.cholesky(np.linalg.inv(damped)), -1, -2)
     assert np.array_equal(factor, np.triu(factor))
     assert np.abs(factor - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_expert_statistics_are_the_routed_weighted_sums_per_expert() -> None:
+    import torch
+
+    from gemma4_onnx.graphs.topk_moe import route
+    from gemma4_onnx.quantize.calibration import ExpertStatistics, gelu_tanh
+
+    rng = np.random.default_rng(0)
+    experts, hidden, inner, top_k = 6, 16, 8, 2
+    names = ["r", "z", "scale", "proj", "per_expert", "gate_up", "down"]
+    node = onnx.helper.make_node("TopKMoE", names, ["y"], domain="ai.gemma4", top_k=top_k, eps=1e-6)
+    arrays = {k: v.astype(np.float32) for k, v in {
+        "scale": rng.uniform(0.5, 1.5, hidden), "proj": rng.standard_normal((experts, hidden)),
+        "per_expert": rng.uniform(0.5, 1.5, experts), "gate_up": rng.standard_normal((experts, 2 * inner, hidden)),
+        "down": rng.standard_normal((experts, hidden, inner))}.items()}
+    statistics = ExpertStatistics(node, arrays)
+    windows = [rng.standard_normal((1, 5, hidden)).astype(np.float32) for _ in range(2 * 2)]
+    for r, z in zip(windows[::2], windows[1::2], strict=True):
+        statistics.add(r, z)
+    expected = {"gate_up": np.zeros((experts, hidden, hidden)), "down": np.zeros((experts, inner, inner))}
+    scale, proj, per_expert = (torch.from_numpy(arrays[k]) for k in ("scale", "proj", "per_expert"))
+    for r, z in zip(windows[::2], windows[1::2], strict=True):
+        weights, index = (t.numpy() for t in route(torch.from_numpy(r[0]), scale, proj, per_expert, top_k, 1e-6))
+        for token, slot in np.ndindex(index.shape):
+            e, w, x = index[token, slot], float(weights[token, slot]), z[0, token].astype(np.float64)
+            gate, up = np.split(arrays["gate_up"][e].astype(np.float64) @ x, 2)
+            a = gelu_tanh(gate) * up
+            expected["gate_up"][e] += w * w * np.outer(x, x)
+            expected["down"][e] += w * w * np.outer(a, a)
+    hessians = statistics.hessians()
+    for name in ("gate_up", "down"):
+        reached = hessians[name].reached
+        assert reached == [e for e in range(experts) if np.trace(expected[name][e]) > 0]
+        got = hessians[name][reached]
+        assert np.abs(got - expected[name][reached]).max() <= 1e-5 * np.abs(expected[name]).max(), name
