@@ -64,7 +64,7 @@ def run_measured(arguments: list[str]) -> dict[str, float]:
     return {"seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
-def _sizes(package: Path) -> dict[str, int]:
+def package_sizes(package: Path) -> dict[str, int]:
     return {p.relative_to(package).as_posix(): p.stat().st_size for p in sorted(package.rglob("*")) if p.is_file()}
 
 
@@ -88,7 +88,7 @@ def section(quick: bool) -> Section:
             STREAMED: run_measured([*CLI, "export", str(checkpoint), str(streamed), "--recipe", "int4",
                                     "--calibration-tokens", str(CALIBRATION_TOKENS), "--quiet"]),
         }
-        streamed_sizes = _sizes(streamed)
+        streamed_sizes = package_sizes(streamed)
         shutil.rmtree(checkpoint)
         shutil.rmtree(streamed)
         shallow = root / "fp32-shallow"
@@ -102,7 +102,7 @@ def section(quick: bool) -> Section:
                                                  "--quiet"]),
             "mobile (.ort)": run_measured([*CLI, "mobile", str(int4), str(mobile), "--quiet"]),
         }
-        sizes = {"fp32": _sizes(fp32), "int4-rtn": _sizes(int4), "int4 (export --recipe)": streamed_sizes}
+        sizes = {"fp32": package_sizes(fp32), "int4-rtn": package_sizes(int4), "int4 (export --recipe)": streamed_sizes}
         shutil.rmtree(fp32)
         rss = mobile_rss.measure(mobile, steps=8 if quick else 128)
         decode = _decode_ms(int4, 16 if quick else 128)

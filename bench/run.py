@@ -29,6 +29,7 @@ from typing import Any
 
 import bench_builder
 import bench_decode
+import bench_export_variants
 import bench_full_size
 import bench_topk_moe
 from measure import Section
@@ -39,6 +40,7 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "decode": bench_decode.section,
     "builder": bench_builder.section,
     "full_size": bench_full_size.section,
+    "export_variants": bench_export_variants.section,
 }
 LIBRARIES = ("gemma4-onnx", "onnxruntime", "onnx", "onnxscript", "onnx-ir", "numpy", "torch", "transformers")
 

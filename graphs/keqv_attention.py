@@ -385,6 +385,15 @@ def Window(states, sliding_window: int):
     return op.Slice(states, start, [9223372036854775807], [2])
 
 
+@onnxscript.script(HELPER_OPSET, default_opset=op)
+def AttendAndWindow(q, key_states, value_states, keep, num_kv_heads: int, sliding_window: int):
+    """``kv``'s output (AttendMasked with ``keep``) and the two caches it hands on (``Window``)."""
+    output = AttendMasked(q, key_states, value_states, keep, num_kv_heads=num_kv_heads)
+    present_key = Window(key_states, sliding_window=sliding_window)
+    present_value = Window(value_states, sliding_window=sliding_window)
+    return output, present_key, present_value
+
+
 @onnxscript.script(OPSET, default_opset=op)
 def KEqVAttentionKV(
     query,
@@ -420,9 +429,9 @@ def KEqVAttentionKV(
         rope_fraction=rope_fraction,
         rope_inv_freq=rope_inv_freq,
     )
-    output = Attend(q, key_states, value_states, position_ids, num_kv_heads=num_kv_heads, sliding_window=sliding_window)
-    present_key = Window(key_states, sliding_window=sliding_window)
-    present_value = Window(value_states, sliding_window=sliding_window)
+    keep = op.And(Causal(position_ids, key_states), InWindow(position_ids, key_states, sliding_window=sliding_window))
+    output, present_key, present_value = AttendAndWindow(q, key_states, value_states, keep, num_kv_heads=num_kv_heads,
+                                                         sliding_window=sliding_window)
     return output, present_key, present_value, key_states, value_states
 
 
@@ -464,9 +473,8 @@ def KEqVAttentionKVImageBlocks(
     )
     seen = op.Or(Causal(position_ids, key_states), SameImageBlock(image_blocks, key_states))
     keep = op.And(seen, InWindow(position_ids, key_states, sliding_window=sliding_window))
-    output = AttendMasked(q, key_states, value_states, keep, num_kv_heads=num_kv_heads)
-    present_key = Window(key_states, sliding_window=sliding_window)
-    present_value = Window(value_states, sliding_window=sliding_window)
+    output, present_key, present_value = AttendAndWindow(q, key_states, value_states, keep, num_kv_heads=num_kv_heads,
+                                                         sliding_window=sliding_window)
     return output, present_key, present_value, key_states, value_states
 
 

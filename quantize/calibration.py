@@ -159,16 +159,17 @@ class HessianWalk:
                if is_topk_moe(node) and {node.input[GATE_UP], node.input[DOWN]} & self.weights]
         activations = sorted(set(inputs.values()) | {name for layer in moe for name in layer.inputs})
         block.expose(activations)
-        sums: dict[str, np.ndarray] = {}
+        gram = GramSums()
         outputs = []
         for window in self.walk.windows():
             values = block.run_all(self.walk.feeds(spec, window))
             for name in set(inputs.values()):
-                _accumulate(sums, name, values[name])
+                gram.add(name, values[name])
             for layer in moe:
                 layer.add(*(values[name] for name in layer.inputs))
             outputs.append({k: v for k, v in values.items() if k in CARRIED})
         self.walk.advance(spec, outputs)
+        sums = gram.result()
         hessians: Hessians = {weight: sums[activation] for weight, activation in inputs.items()}
         for layer in moe:
             hessians.update(layer.hessians())
@@ -186,24 +187,47 @@ class HessianWalk:
         last = f"hidden_states.{self.walk.geometry.num_layers}"
         activation = linear_inputs(decoder, {HEAD_WEIGHT})[HEAD_WEIGHT]
         session = WeightFedSession(subgraph(decoder, [last], [activation]), self.walk.tensors, "")
-        sums: dict[str, np.ndarray] = {}
+        gram = GramSums()
         for hidden in self.walk.hidden:
             (x,) = session.run([activation], {last: hidden})
-            _accumulate(sums, HEAD_WEIGHT, x)
-        self.done["head"] = dict(sums)
+            gram.add(HEAD_WEIGHT, x)
+        self.done["head"] = dict(gram.result())
         return self.done["head"]
 
 
-def _accumulate(sums: dict[str, np.ndarray], name: str, x: np.ndarray) -> None:
-    """sums[name] += xᵀx over x's rows, in float32 and in place (GPTQ factorizes in float32; E2B's double-wide
-    down_proj H alone is 12288² values, 0.6 GB: no temporary product of that size, and torch's addmm runs it in
-    half the time numpy's ``x.T @ x`` takes)."""
-    import torch
+class GramSums:
+    """Σ xᵀx per activation name over x's rows, in float32 and in place (GPTQ factorizes in float32; E2B's
+    double-wide down_proj H alone is 12288² values, 0.6 GB: no temporary product of that size). Above
+    ``2 · PANEL`` columns only the upper panels are multiplied (about half the products: E4B's down_proj
+    input, 10240 wide, costs 2·T·K² = 0.9 TFLOP per layer at 4096 tokens when computed whole), and the
+    lower triangle is copied from them in ``result``."""
 
-    rows = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32))
-    if name not in sums:
-        sums[name] = np.zeros((rows.shape[1], rows.shape[1]), np.float32)
-    torch.from_numpy(sums[name]).addmm_(rows.T, rows)
+    PANEL = 512
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, x: np.ndarray) -> None:
+        import torch
+
+        rows = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32))
+        k = rows.shape[1]
+        if name not in self.sums:
+            self.sums[name] = np.zeros((k, k), np.float32)
+        h = torch.from_numpy(self.sums[name])
+        if k <= 2 * self.PANEL:
+            h.addmm_(rows.T, rows)
+            return
+        for start in range(0, k, self.PANEL):
+            h[start:start + self.PANEL, start:].addmm_(rows[:, start:start + self.PANEL].T, rows[:, start:])
+
+    def result(self) -> dict[str, np.ndarray]:
+        for h in self.sums.values():
+            if h.shape[0] > 2 * self.PANEL:
+                for start in range(0, h.shape[0], self.PANEL):
+                    end = start + self.PANEL
+                    h[end:, start:end] = h[start:end, end:].T
+        return self.sums
 
 
 class ExpertHessians:

@@ -26,11 +26,11 @@ def special_token(config: dict[str, Any], name: str) -> str:
     return str(value.get("content", "")) if isinstance(value, dict) else str(value)
 
 
-def chat_template(directory: Path) -> str | None:
-    """The package's chat template, or None."""
+def chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    """The package's chat template (its own file, or in its tokenizer ``config``), or None."""
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         return (directory / CHAT_TEMPLATE_FILE).read_text()
-    template = tokenizer_config(directory).get("chat_template")
+    template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": …}, …]
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     return template if isinstance(template, str) else None

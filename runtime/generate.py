@@ -3,6 +3,7 @@
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -15,20 +16,20 @@ from gemma4_onnx.runtime.text_model import Cache, TextModel
 
 def prompt_ids(tokenizer: Tokenizer, directory: Path, prompt: str) -> list[int]:
     """The prompt's ids, with BOS first when the checkpoint's tokenizer config asks for it."""
-    return _bos(tokenizer, directory) + _encode(tokenizer, prompt)
+    return _bos(tokenizer, tokenizer_config(directory)) + _encode(tokenizer, prompt)
 
 
 def chat_prompt(tokenizer: Tokenizer, directory: Path, prompt: str, raw: bool = False) -> tuple[list[int], str]:
     """(BOS ids, text): the prompt in the checkpoint's chat template, which brings its own BOS (``raw``, or no
     template: the prompt as given, BOS as the tokenizer config says)."""
-    template = None if raw or not prompt else chat_template(directory)
-    if template is None:
-        return _bos(tokenizer, directory), prompt
-    return [], render(template, tokenizer_config(directory), prompt)
-
-
-def _bos(tokenizer: Tokenizer, directory: Path) -> list[int]:
     config = tokenizer_config(directory)
+    template = None if raw or not prompt else chat_template(directory, config)
+    if template is None:
+        return _bos(tokenizer, config), prompt
+    return [], render(template, config, prompt)
+
+
+def _bos(tokenizer: Tokenizer, config: dict[str, Any]) -> list[int]:
     bos = tokenizer.token_to_id(special_token(config, "bos_token")) if config.get("add_bos_token", True) else None
     return [] if bos is None else [bos]
 

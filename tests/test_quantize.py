@@ -267,22 +267,54 @@ def test_int8_activations_select_the_integer_kernel_only_where_the_recipe_says(p
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("shape", [(700,), (3, 200)], ids=["one H (two levels of halves)", "experts' H"])
-def test_gptq_factor_is_the_upper_cholesky_factor_of_the_inverse(shape: tuple[int, ...]) -> None:
+def _reference_gptq(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The GPTQ reference's loop in float64, one column at a time with U = chol(H⁻¹)ᵀ: (codes, dequantized)."""
+    import torch
+
     from gemma4_onnx.quantize import gptq
 
-    rng = np.random.default_rng(0)
-    k = shape[-1]
-    x = rng.standard_normal((*shape[:-1], 3 * k, k)).astype(np.float32) * rng.uniform(0.1, 3, k).astype(np.float32)
-    h = np.swapaxes(x, -1, -2) @ x
-    diagonal = np.diagonal(h, axis1=-2, axis2=-1) * 1.01
-    factor = gptq._inverse_cholesky(h, diagonal, pad=0)
+    k = w.shape[1]
+    diagonal = np.diagonal(h).copy()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
     damped = h.astype(np.float64)
-    idx = np.arange(k)
-    damped[..., idx, idx] = diagonal
-    expected = np.swapaxes(np.linalg.cholesky(np.linalg.inv(damped)), -1, -2)
-    assert np.array_equal(factor, np.triu(factor))
-    assert np.abs(factor - expected).max() <= 1e-5 * np.abs(expected).max()
+    damped[np.arange(k), np.arange(k)] = diagonal + gptq.DAMPING * diagonal.mean()
+    u = np.linalg.cholesky(np.linalg.inv(damped)).T
+    w = np.where(dead, 0.0, w).astype(np.float64)
+    codes, dequantized, top = np.zeros(w.shape, np.int64), np.zeros_like(w), (1 << bits) - 1
+    for j in range(k):
+        if j % block == 0:
+            scale_t, zero_t = gptq._group_params(torch.from_numpy(w[:, j:j + block].astype(np.float32)), top, False)
+            scale, zero = scale_t.double().numpy(), zero_t.double().numpy()
+        codes[:, j] = np.clip(np.round(w[:, j] / scale) + zero, 0, top)
+        dequantized[:, j] = (codes[:, j] - zero) * scale
+        w[:, j:] -= np.outer((w[:, j] - dequantized[:, j]) / u[j, j], u[j, j:])
+    return codes, dequantized
+
+
+@pytest.mark.parametrize("experts,k", [(None, 160), (3, 96), (None, 150)], ids=["one", "experts", "padded"])
+def test_gptq_equals_the_reference_loop(experts: int | None, k: int) -> None:
+    """Our GPTQ (R-only updates, recursive blocking, float32) against the reference loop (float64, explicit
+    U): the same codes but for rounding ties, and the same output error Σ over calibration rows."""
+    from gemma4_onnx.quantize.gptq import gptq
+
+    rng = np.random.default_rng(1)
+    n, rows, block = 48, 600, 32
+    batch = experts or 1
+    x = rng.standard_normal((batch, rows, k)) * rng.uniform(0.1, 3, k)
+    x[..., 7] = 0  # a column no calibration row reaches
+    h = np.swapaxes(x, -1, -2) @ x
+    w = rng.standard_normal((batch, n, k))
+    got = gptq(w if experts else w[0], h if experts else h[0], 4, block, False)
+    codes, scales, zeros = (a.reshape(batch, *a.shape[-2:]) for a in got)
+    pad = -k % block  # zero columns, as MatMulNBits pads
+    for e in range(batch):
+        ref_codes, ref_dequantized = _reference_gptq(np.pad(w[e], [(0, 0), (0, pad)]), np.pad(h[e], [(0, pad)] * 2),
+                                                     4, block)
+        assert np.mean(codes[e] == ref_codes) >= 0.99
+        ours = (codes[e] - np.repeat(zeros[e], block, axis=1)) * np.repeat(scales[e], block, axis=1)
+        error = [np.linalg.norm((w[e] - dq[:, :k]) @ x[e].T) for dq in (ours, ref_dequantized)]
+        assert error[0] <= 1.01 * error[1]
 
 
 def test_expert_statistics_are_the_routed_weighted_sums_per_expert() -> None:
@@ -319,3 +351,17 @@ def test_expert_statistics_are_the_routed_weighted_sums_per_expert() -> None:
         assert reached == [e for e in range(experts) if np.trace(expected[name][e]) > 0]
         got = hessians[name][reached]
         assert np.abs(got - expected[name][reached]).max() <= 1e-5 * np.abs(expected[name]).max(), name
+
+
+@pytest.mark.parametrize("k", [300, 2 * 1024 + 333], ids=["whole", "upper panels mirrored"])
+def test_gram_sums_are_x_transpose_x(k: int) -> None:
+    from gemma4_onnx.quantize.calibration import GramSums
+
+    rng = np.random.default_rng(2)
+    windows = [rng.standard_normal((1, 40, k)).astype(np.float32) for _ in range(3)]
+    gram = GramSums()
+    for x in windows:
+        gram.add("x", x)
+    rows = np.concatenate([x[0] for x in windows]).astype(np.float64)
+    expected = rows.T @ rows
+    assert np.abs(gram.result()["x"] - expected).max() <= 1e-5 * np.abs(expected).max()
