@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -238,9 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """``kill`` ends a run like Ctrl-C does: through its cleanups (scratch folders removed, a resumable
+    export's completed blocks kept)."""
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_quiet(args.quiet)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.handler(args))
     except Gemma4OnnxError as exc:

@@ -180,6 +180,22 @@ def test_kill_export_at_a_random_point(server, exported, tmp_path) -> None:
     assert_whole(target, [complete], f"seed {SEED}, kill after {files} files, rc {rc}")
 
 
+def test_sigterm_ends_an_export_through_its_cleanups(exported, tmp_path) -> None:
+    """``kill`` (SIGTERM) mid-export: exit status 143, and the staging folder is gone at once (SIGKILL
+    leaves it to the next writer, ``remove_stale_staging``)."""
+    checkpoint, _ = exported("tiny-e2b")
+    target = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "gemma4_onnx.cli", "export", str(checkpoint), str(target),
+                                "--quiet"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and staging_files(target, process.pid) < 2 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert process.poll() is None, "the export ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not target.exists() and list(tmp_path.glob(".out.*")) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny-e2b", "tiny-26b-a4b"])
 def test_kill_export_torture(variant, server, exported, tmp_path) -> None:
