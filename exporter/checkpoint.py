@@ -153,7 +153,9 @@ class Checkpoint:
 
 def _non_finite(value: torch.Tensor) -> tuple[int, int]:
     """(non-finite values, of which NaN) in ``value``."""
-    if not value.is_floating_point():
+    if not value.is_floating_point() or value.numel() == 0:
+        return 0, 0
+    if bool(value.abs().amax() < math.inf):  # NaN fails this too; a quarter of isfinite's time on bf16
         return 0, 0
     finite = torch.isfinite(value)
     if bool(finite.all()):
