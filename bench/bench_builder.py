@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from bench_decode import OnnxRunner
+from bench_decode import OnnxRunner, read_bandwidth_gbs
 from bench_full_size import RTN_RECIPE, run_measured
 from measure import Section, interleaved_ms
 from variant_cli import shallow, variant_cli
@@ -104,6 +104,17 @@ class GenaiRunner:
         generator.generate_next_token()
 
 
+def matmul_weight_bytes(model: Path) -> int:
+    """Bytes the graph's MatMulNBits weights take at run time: packed codes and fp32 scales (per token, each
+    is read once)."""
+    total = 0
+    for node in onnx.load(model, load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            total += a["N"] * a["K"] * a["bits"] // 8 + a["N"] * -(-a["K"] // a["block_size"]) * 4
+    return total
+
+
 def _int4_settings(model: Path) -> str:
     graph = onnx.load(model, load_external_data=False).graph
     settings = set()
@@ -142,6 +153,10 @@ def section(quick: bool) -> Section:
         caches = {name: runner.prefill(prompt) for name, runner in runners.items()}
         samples = interleaved_ms({name: (lambda i, r=runner, c=caches[name]: r.step(c, 7 + i % 5))
                                   for name, runner in runners.items()}, 4 if quick else DECODE_STEPS, 2)
+        weight_bytes = {"builder int4": matmul_weight_bytes(builder / "model.onnx"),
+                        "ours int4 portable": matmul_weight_bytes(ours["portable"] / "decoder.onnx"),
+                        "ours int4 ort": matmul_weight_bytes(ours["ort"] / "decoder.onnx")}
+        bandwidth = read_bandwidth_gbs()
         builder_settings = _int4_settings(builder / "model.onnx")
         our_settings = _int4_settings(ours["portable"] / "blocks" / "layer_00.onnx")
         builder_config = json.loads((builder / "genai_config.json").read_text())["model"]["type"]
@@ -169,4 +184,14 @@ def section(quick: bool) -> Section:
         f"Ours ({best}) decodes {speedup:.2f}× the builder's speed (goal ≥ {GOAL}×: "
         f"{'met' if speedup >= GOAL else 'not met'}).",
     ]
+    read = section.figure("read bandwidth", "GB/s", bandwidth)
+    shares = {name: weight_bytes[name] / (figures[name].median * 1e-3) / (read.median * 1e9) for name in figures}
+    section.findings.append(
+        "Weights read per token: " + ", ".join(f"{name} {weight_bytes[name] / 1e6:.0f} MB" for name in figures)
+        + " (ours: the int8 LM head and Gemma 4's 512-wide full-layer heads). "
+        f"At {read.median:.1f} GB/s read bandwidth that is " + ", ".join(f"{name} {share:.0%}" for name, share
+                                                                          in shares.items())
+        + f" of the roofline: on equal bytes, {GOAL}× the builder would need "
+        f"{GOAL * shares['builder int4']:.0%} of it.")
+    section.extra = {"weight_bytes_per_token": weight_bytes}
     return section
