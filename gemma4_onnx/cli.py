@@ -239,18 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """``kill`` ends a run like Ctrl-C does: through its cleanups (scratch folders removed, a resumable
-    export's completed blocks kept)."""
-    sys.exit(128 + signum)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interruption: cleanups run as on Ctrl-C (scratch folders removed, a resumable
+    export's completed blocks kept for the next run)."""
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_quiet(args.quiet)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         return int(args.handler(args))
+    except Terminated:
+        return 128 + signal.SIGTERM
     except Gemma4OnnxError as exc:
         if args.debug:
             raise

@@ -180,20 +180,26 @@ def test_kill_export_at_a_random_point(server, exported, tmp_path) -> None:
     assert_whole(target, [complete], f"seed {SEED}, kill after {files} files, rc {rc}")
 
 
-def test_sigterm_ends_an_export_through_its_cleanups(exported, tmp_path) -> None:
-    """``kill`` (SIGTERM) mid-export: exit status 143, and the staging folder is gone at once (SIGKILL
-    leaves it to the next writer, ``remove_stale_staging``)."""
+@pytest.mark.parametrize("resumable", [False, True], ids=["export", "export --recipe"])
+def test_sigterm_ends_an_export_through_its_cleanups(resumable, exported, tmp_path) -> None:
+    """``kill`` (SIGTERM) mid-export: exit status 143 and the scratch folders gone at once (SIGKILL leaves
+    them to the next writer, ``remove_stale_staging``); a resumable export keeps its partial package."""
     checkpoint, _ = exported("tiny-e2b")
-    target = tmp_path / "out"
+    target, recipe = tmp_path / "out", tmp_path / "rtn.toml"
+    recipe.write_text(RTN)
+    extra = ["--recipe", str(recipe)] if resumable else []
     process = subprocess.Popen([sys.executable, "-m", "gemma4_onnx.cli", "export", str(checkpoint), str(target),
-                                "--quiet"], stderr=subprocess.DEVNULL)
+                                *extra, "--quiet"], stderr=subprocess.DEVNULL)
+    partial = atomic.partial_dir(target)
     deadline = time.monotonic() + 600
-    while process.poll() is None and staging_files(target, process.pid) < 2 and time.monotonic() < deadline:
+    while process.poll() is None and time.monotonic() < deadline and (
+            not partial.is_dir() if resumable else staging_files(target, process.pid) < 2):
         time.sleep(0.002)
     assert process.poll() is None, "the export ended before it could be interrupted"
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
-    assert not target.exists() and list(tmp_path.glob(".out.*")) == []
+    assert not target.exists() and list(tmp_path.glob(".out.tmp-*")) == []
+    assert partial.is_dir() == resumable
 
 
 @pytest.mark.slow
