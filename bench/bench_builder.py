@@ -104,25 +104,22 @@ class GenaiRunner:
         generator.generate_next_token()
 
 
+def _matmul_nbits(model: Path) -> list[dict[str, Any]]:
+    """The attributes of each MatMulNBits node of the graph."""
+    return [{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            for node in onnx.load(model, load_external_data=False).graph.node if node.op_type == "MatMulNBits"]
+
+
 def matmul_weight_bytes(model: Path) -> int:
     """Bytes the graph's MatMulNBits weights take at run time: packed codes and fp32 scales (per token, each
     is read once)."""
-    total = 0
-    for node in onnx.load(model, load_external_data=False).graph.node:
-        if node.op_type == "MatMulNBits":
-            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-            total += a["N"] * a["K"] * a["bits"] // 8 + a["N"] * -(-a["K"] // a["block_size"]) * 4
-    return total
+    return sum(a["N"] * a["K"] * a["bits"] // 8 + a["N"] * -(-a["K"] // a["block_size"]) * 4
+               for a in _matmul_nbits(model))
 
 
 def _int4_settings(model: Path) -> str:
-    graph = onnx.load(model, load_external_data=False).graph
-    settings = set()
-    for node in graph.node:
-        if node.op_type == "MatMulNBits":
-            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            settings.add(f"bits {attributes.get('bits')}, block {attributes.get('block_size')}, "
-                         f"accuracy_level {attributes.get('accuracy_level', 0)}")
+    settings = {f"bits {a.get('bits')}, block {a.get('block_size')}, accuracy_level {a.get('accuracy_level', 0)}"
+                for a in _matmul_nbits(model)}
     return "; ".join(sorted(settings)) or "no MatMulNBits"
 
 

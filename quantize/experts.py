@@ -46,7 +46,7 @@ def quantize_experts(weight: np.ndarray, decision: Decision,
         assert decision.bits is not None
         for start in range(0, len(hessians.reached), EXPERT_GROUP):
             group = hessians.reached[start:start + EXPERT_GROUP]
-            codes, scales, zeros = gptq(np.asarray(weight[group], np.float32), hessians[group], decision.bits,
+            codes, scales, zeros = gptq(weight[group], hessians[group], decision.bits,
                                         decision.block_size, decision.symmetric)
             for i, expert in enumerate(group):
                 slices[expert] = pack(codes[i], scales[i], zeros[i], decision)

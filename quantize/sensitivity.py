@@ -32,7 +32,7 @@ def fake_quantized(weight: np.ndarray, entry: Entry) -> np.ndarray:
     out = np.empty(weight.shape, weight.dtype)  # written expert by expert: 26B-A4B's gate/up stack is 2 GB
     for matrix, rounded in zip(weight.reshape(-1, *weight.shape[-2:]), out.reshape(-1, *weight.shape[-2:]),
                                strict=True):
-        rounded[...] = dequantize(*blockwise(matrix.astype(np.float32), decision), bits=4, k=matrix.shape[1])
+        rounded[...] = dequantize(*blockwise(matrix, decision), bits=4, k=matrix.shape[1])
     return out
 
 
