@@ -42,14 +42,18 @@ def _group_params(columns: "torch.Tensor", top: int, symmetric: bool) -> tuple["
     factors are tried at once, on a leading axis of at most ``GRID_CHUNK_VALUES`` values."""
     import torch
 
+    columns = columns.contiguous()  # a group arrives as a transposed view; the reductions run along rows
     low = columns.amin(dim=-1).clamp(max=0)
     high = columns.amax(dim=-1).clamp(min=0)
     grid = torch.from_numpy(SHRINK_GRID.astype(np.float32)).reshape(-1, *[1] * low.dim())
     best_scale, best_zero, best_error = low, low, torch.full_like(low, torch.inf)
     for shrink in grid.split(max(1, GRID_CHUNK_VALUES // columns.numel())):
         scale, zero = _range_params(low * shrink, high * shrink, top, symmetric)
-        q = torch.clamp(torch.round(columns / scale[..., None]) + zero[..., None], 0, top)
-        error = ((q - zero[..., None]) * scale[..., None] - columns).abs_().pow_(ERROR_NORM).sum(dim=-1)
+        # ŵ − w = s·clamp(round(w/s), −z, top − z) − w, in place on one temporary
+        error = torch.div(columns, scale[..., None]).round_()
+        torch.maximum(error, -zero[..., None], out=error)
+        torch.minimum(error, top - zero[..., None], out=error)
+        error = error.mul_(scale[..., None]).sub_(columns).abs_().pow_(ERROR_NORM).sum(dim=-1)
         least, at = error.min(dim=0)  # the first least, as a scan keeping strict improvements would
         better = least < best_error
         best_scale = torch.where(better, scale.gather(0, at[None])[0], best_scale)

@@ -292,6 +292,55 @@ def _reference_gptq(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> tupl
     return codes, dequantized
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_range_search_keeps_the_first_least_error_shrink(symmetric: bool) -> None:
+    """The batched search against a scan over the shrink factors, row by row, in float64."""
+    import torch
+
+    from gemma4_onnx.quantize import gptq
+
+    rng = np.random.default_rng(3)
+    columns = rng.standard_normal((2, 40, 32)) * rng.uniform(0.5, 2, (2, 40, 1))
+    columns[0, 0, 5] = 9.0  # an outlier worth clipping
+    top = 15
+    scale_t, zero_t = gptq._group_params(torch.from_numpy(np.swapaxes(columns, -1, -2).astype(np.float32))
+                                         .transpose(-1, -2), top, symmetric)
+    for row in np.ndindex(columns.shape[:-1]):
+        w = columns[row].astype(np.float32).astype(np.float64)
+        best, chosen = np.inf, None
+        for shrink in gptq.SHRINK_GRID.astype(np.float32):
+            low, high = min(w.min(), 0) * shrink, max(w.max(), 0) * shrink
+            if symmetric:
+                high = max(-low, high)
+                scale, zero = 2 * high / top, (top + 1) // 2
+            else:
+                scale = (high - low) / top
+                zero = np.round(-low / scale)
+            codes = np.clip(np.round(w / scale) + zero, 0, top)
+            error = np.sum(np.abs((codes - zero) * scale - w) ** gptq.ERROR_NORM)
+            if error < best * (1 - 1e-6):
+                best, chosen = error, (scale, zero)
+        assert chosen is not None
+        assert scale_t[row].item() == pytest.approx(chosen[0], rel=1e-5) and zero_t[row].item() == chosen[1]
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_sensitivity_rounding_is_the_kernels_round_trip(symmetric: bool) -> None:
+    """``fake_quantized`` (torch, in place) equals onnxruntime's 4-bit kernel then dequantization, expert by
+    expert, with K not a multiple of the block."""
+    from gemma4_onnx.quantize.blockwise import blockwise
+    from gemma4_onnx.quantize.experts import dequantize
+    from gemma4_onnx.quantize.plan import Candidate, Entry
+    from gemma4_onnx.quantize.sensitivity import fake_quantized
+
+    weight = np.random.default_rng(4).standard_normal((3, 24, 200)).astype(np.float32)
+    decision = Decision(bits=8, block_size=32, symmetric=symmetric, algorithm="gptq")
+    entry = Entry(Candidate("experts", "experts", weight.shape, 0), decision, "test")
+    rtn = Decision(bits=4, block_size=32, symmetric=symmetric, algorithm="rtn")
+    expected = np.stack([dequantize(*blockwise(m, rtn), bits=4, k=200) for m in weight])
+    np.testing.assert_allclose(fake_quantized(weight, entry), expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("experts,k", [(None, 160), (3, 96), (None, 150)], ids=["one", "experts", "padded"])
 def test_gptq_equals_the_reference_loop(experts: int | None, k: int) -> None:
     """Our GPTQ (R-only updates, recursive blocking, float32) against the reference loop (float64, explicit
