@@ -56,7 +56,12 @@ def run_measured(arguments: list[str]) -> dict[str, float]:
     """Wall seconds and peak RSS (bytes) of one command, as its own process."""
     start = time.monotonic()
     process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    except BaseException:  # interrupted: the command goes too (an export keeps what it can resume from)
+        process.terminate()
+        process.wait()
+        raise
     wall = time.monotonic() - start
     if os.waitstatus_to_exitcode(status) != 0:
         error = process.stderr.read().decode()[-2000:] if process.stderr else ""

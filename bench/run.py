@@ -9,6 +9,8 @@ speed, memory, sizes): write ``bench/bench_<name>.py`` with ``section()`` and ad
     .venv/bin/python bench/run.py [--only topk_moe,...] [--quick] [--out DIR]
 
 ``--quick`` runs every section on small shapes (a check that the harness works, not a measurement).
+Each finished section is saved to results.partial.json at once: a run that was interrupted (the full
+suite exports 31B) is resumed by running it again on the same commit, and says which sections it kept.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +36,8 @@ import bench_export_variants
 import bench_full_size
 import bench_topk_moe
 from measure import Section
+
+from gemma4_onnx.cli import interrupt_on_sigterm
 
 HERE = Path(__file__).resolve().parent
 SECTIONS: dict[str, Callable[[bool], Section]] = {
@@ -98,17 +103,20 @@ def _git() -> dict[str, Any] | None:
     return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
-def markdown(results: dict[str, Any], sections: dict[str, Section]) -> str:
+def markdown(results: dict[str, Any]) -> str:
     info = results["machine"]
     libraries = ", ".join(f"{k} {v}" for k, v in info["libraries"].items() if v)
     git = info["git"] or {}
     commit = f"{git.get('commit', '?')[:10]}{' (modified)' if git.get('modified') else ''}"
+    resumed = results.get("resumed")
     lines = [
         "# gemma4-onnx benchmarks",
         "",
         f"{results['started']} · {results['seconds']:.0f} s · commit {commit}"
         + (" · QUICK (small shapes, not a measurement)" if results["quick"] else ""),
         "",
+        *([f"Resumed: {', '.join(resumed)} measured by an earlier, interrupted run of this commit.", ""]
+          if resumed else []),
         f"Machine: {info['cpu']}, {info['usable_cpus']} usable CPUs, {info['memory_gib']} GiB, {info['platform']}, "
         f"Python {info['python']}.",
         "",
@@ -116,11 +124,24 @@ def markdown(results: dict[str, Any], sections: dict[str, Section]) -> str:
         "",
     ]
     for name, entry in results["sections"].items():
-        if name in sections:
-            lines.append(sections[name].to_markdown())
-        else:
-            lines += [f"## {name}", "", f"FAILED: {entry['error']}", ""]
+        lines += [entry["markdown"]] if "markdown" in entry else [f"## {name}", "", f"FAILED: {entry['error']}", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def resumable(partial: Path, results: dict[str, Any], chosen: list[str]) -> dict[str, Any]:
+    """Sections an interrupted run of the same commit (tree unmodified) and mode finished, to keep: the full
+    suite runs for hours, and like an export it goes on from where it stopped."""
+    git = results["machine"]["git"]
+    if not partial.exists() or not git or git["modified"]:
+        return {}
+    try:
+        earlier = json.loads(partial.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if earlier.get("quick") != results["quick"] or (earlier["machine"].get("git") or {}).get("commit") != git["commit"]:
+        return {}
+    results["started"] = earlier["started"]
+    return {name: entry for name, entry in earlier["sections"].items() if name in chosen and "markdown" in entry}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,37 +150,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes: check the harness, measure nothing")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json and results.md go")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # finished sections stay in results.partial.json
     chosen = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:
         parser.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
 
-    started = time.monotonic()
     results: dict[str, Any] = {
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "machine": machine(),
         "sections": {},
     }
-    done: dict[str, Section] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / "results.partial.json"
+    kept = resumable(partial, results, chosen)
+    if kept:
+        results["resumed"] = list(kept)
+        print(f"resuming: {', '.join(kept)} finished by an interrupted run of this commit", flush=True)
     failed = False
     for name in chosen:
+        if name in kept:
+            results["sections"][name] = kept[name]
+            continue
         print(f"== {name}", flush=True)
         section_start = time.monotonic()
         try:
-            done[name] = SECTIONS[name](args.quick)
+            section = SECTIONS[name](args.quick)
         except Exception:  # a failing section is reported, the others still run
             failed = True
             results["sections"][name] = {"error": traceback.format_exc(limit=5)}
             print(results["sections"][name]["error"], file=sys.stderr)
             continue
-        results["sections"][name] = {**done[name].to_json(), "seconds": time.monotonic() - section_start}
-    results["seconds"] = time.monotonic() - started
-
-    args.out.mkdir(parents=True, exist_ok=True)
+        results["sections"][name] = {**section.to_json(), "markdown": section.to_markdown(),
+                                     "seconds": time.monotonic() - section_start}
+        partial.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    results["seconds"] = sum(entry.get("seconds", 0.0) for entry in results["sections"].values())
     (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    report = markdown(results, done)
+    report = markdown(results)
     (args.out / "results.md").write_text(report)
+    partial.unlink(missing_ok=True)
     print()
     print(report)
     print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")

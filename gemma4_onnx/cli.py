@@ -244,14 +244,14 @@ class Terminated(KeyboardInterrupt):
     export's completed blocks kept for the next run)."""
 
 
-def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+def interrupt_on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_quiet(args.quiet)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         return int(args.handler(args))
     except Terminated:

@@ -140,8 +140,9 @@ def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
 
 
 class HessianWalk:
-    """Σ xᵀx per linear weight, one block at a time (``layer`` in layer order, then ``head``); with ``keep``,
-    results stay for a later recipe on the same package (small packages only: they are [K, K] float32)."""
+    """Σ xᵀx per linear weight, one block at a time (``layer`` in layer order, then ``head``). Without
+    ``keep`` each H is the quantizer's to spend; with it, results stay, read-only, for a later recipe on the
+    same package (small packages only: they are [K, K] float32)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], tensors: FloatTensors, weights: set[str],
                  text: str, tokens: int = MAX_TOKENS, keep: bool = False) -> None:
@@ -170,17 +171,21 @@ class HessianWalk:
             outputs.append({k: v for k, v in values.items() if k in CARRIED})
         self.walk.advance(spec, outputs)
         sums = gram.result()
+        shared = [a for a in sums if list(inputs.values()).count(a) > 1]  # q/k/v, gate/up: read by several
+        _read_only({a: sums[a] for a in shared})
         hessians: Hessians = {weight: sums[activation] for weight, activation in inputs.items()}
         for layer in moe:
             hessians.update(layer.hessians())
         if self.keep:
-            self.done[spec.index] = hessians
+            self.done[spec.index] = _read_only(hessians)
         return hessians
 
     def head(self) -> Hessians:
         """H of the tied LM head: the decoder's head (final norm) run on the last block's outputs."""
-        if "head" in self.done or HEAD_WEIGHT not in self.weights:
-            return self.done.get("head", {})
+        if "head" in self.done:
+            return self.done["head"]
+        if HEAD_WEIGHT not in self.weights:
+            return {}
         assert self.walk.next_layer == self.walk.geometry.num_layers, "the head comes after every block"
         manifest = self.walk.manifest
         decoder = onnx.load(self.walk.root / manifest["graphs"]["decoder"]["file"], load_external_data=False)
@@ -191,8 +196,18 @@ class HessianWalk:
         for hidden in self.walk.hidden:
             (x,) = session.run([activation], {last: hidden})
             gram.add(HEAD_WEIGHT, x)
-        self.done["head"] = dict(gram.result())
-        return self.done["head"]
+        hessians: Hessians = dict(gram.result())
+        if self.keep:
+            self.done["head"] = _read_only(hessians)
+        return hessians
+
+
+def _read_only(hessians: Hessians) -> Hessians:
+    """Kept H are not spent by GPTQ, which factorizes a writable H in its own memory."""
+    for h in hessians.values():
+        if isinstance(h, np.ndarray):
+            h.flags.writeable = False
+    return hessians
 
 
 class GramSums:

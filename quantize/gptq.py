@@ -83,12 +83,11 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     if pad:
         w_np = np.pad(w_np, [(0, 0)] * (weight.ndim - 1) + [(0, pad)])
     top = (1 << bits) - 1
-    diagonal = np.pad(np.diagonal(hessian, axis1=-2, axis2=-1), [(0, 0)] * (hessian.ndim - 2) + [(0, pad)])
-    dead = diagonal == 0
+    factor, dead = _factor(hessian, pad)
     if dead.any():
         w_np = np.where(dead[..., None, :], 0.0, w_np)
     w_t = torch.from_numpy(np.ascontiguousarray(np.swapaxes(w_np, -1, -2), dtype=np.float32))  # [..., K, N]
-    solver = _Solver(w_t, torch.from_numpy(_factor(hessian, diagonal, pad)), top, block, symmetric)
+    solver = _Solver(w_t, torch.from_numpy(factor), top, block, symmetric)
     solver.solve(0, w_t.shape[-2])
     return (solver.codes.transpose(-1, -2).numpy(), solver.scales.numpy().astype(np.float64),
             solver.zeros.numpy().astype(np.float64))
@@ -145,7 +144,7 @@ class _Solver:
                 s1[..., i + 1:, :] += r1[..., i, i + 1:, None] * error[..., None, :]
 
 
-_reused: list[tuple[np.ndarray, int, np.ndarray]] | None = None  # inside ``reused_factors``: (H, pad, factor)
+_reused: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] | None = None  # in ``reused_factors``: (H, pad, R, dead)
 
 
 @contextlib.contextmanager
@@ -160,32 +159,51 @@ def reused_factors() -> Iterator[None]:
         _reused = None
 
 
-def _factor(hessian: np.ndarray, diagonal: np.ndarray, pad: int) -> np.ndarray:
-    """``_reversed_cholesky`` of the damped H (``diagonal``: H's, padded)."""
+def _factor(hessian: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_reversed_cholesky`` of the damped H, and the columns no calibration row reached (zero diagonal)."""
     if _reused and _reused[0][0] is hessian and _reused[0][1] == pad:
-        return _reused[0][2]
-    diagonal = np.where(diagonal == 0, 1.0, diagonal)
+        return _reused[0][2], _reused[0][3]
+    diagonal = np.pad(np.diagonal(hessian, axis1=-2, axis2=-1), [(0, 0)] * (hessian.ndim - 2) + [(0, pad)])
+    dead = diagonal == 0
+    diagonal = np.where(dead, 1.0, diagonal)
     diagonal += DAMPING * diagonal.mean(axis=-1, keepdims=True)
     if _reused is not None:
         _reused.clear()  # the previous factor goes before the next is made
     factor = _reversed_cholesky(hessian, diagonal, pad)
     if _reused is not None:
-        _reused.append((hessian, pad, factor))
-    return factor
+        _reused.append((hessian, pad, factor, dead))
+    return factor, dead
 
 
 def _reversed_cholesky(hessian: np.ndarray, diagonal: np.ndarray, pad: int) -> np.ndarray:
     """Upper-triangular R with R·Rᵀ = H (padded, with ``diagonal``), in float32: with J the order-reversing
     permutation, J·H·J = L·Lᵀ gives R = J·L·J. One Cholesky, K³/3 operations (~6 s for K = 12288 on two
-    cores); R⁻¹ is the upper Cholesky factor of H⁻¹ that the GPTQ reference computes, never formed here."""
+    cores); R⁻¹ is the upper Cholesky factor of H⁻¹ that the GPTQ reference computes, never formed here.
+
+    A writable float32 H without padding is factorized in its own memory and is spent (31B's down_proj H
+    is 21504², 1.85 GB: a copy and a factor beside it would pass the export's memory goal); callers that
+    keep an H mark it read-only (``HessianWalk``), and any other H is copied once."""
     import torch
 
-    h = torch.from_numpy(hessian.astype(np.float32, copy=False))
-    if pad:
-        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
-    flipped = h.flip(-2, -1)  # a copy: H itself is left as it was
-    del h
-    flipped.diagonal(dim1=-2, dim2=-1).copy_(torch.from_numpy(diagonal.astype(np.float32)).flip(-1))
-    lower = torch.linalg.cholesky(flipped)
-    del flipped
-    return lower.flip(-2, -1).numpy()
+    k = hessian.shape[-1] + pad
+    h = hessian
+    if pad or hessian.dtype != np.float32 or not hessian.flags.writeable or not hessian.flags.c_contiguous:
+        h = np.zeros((*hessian.shape[:-2], k, k), np.float32)
+        h[..., :hessian.shape[-1], :hessian.shape[-1]] = hessian
+    _reverse(h)
+    h.reshape(*h.shape[:-2], k * k)[..., ::k + 1] = diagonal[..., ::-1]
+    columns = torch.from_numpy(h).transpose(-1, -2)  # J·H·J is symmetric: its rows, read as columns
+    torch.linalg.cholesky(columns, out=columns)  # in place: h now holds Lᵀ
+    _reverse(h)
+    return np.swapaxes(h, -1, -2)  # (J·Lᵀ·J)ᵀ = J·L·J
+
+
+def _reverse(m: np.ndarray) -> None:
+    """m[..., i, j] ← m[..., K−1−i, K−1−j] in place, two rows at a time."""
+    k = m.shape[-1]
+    for i in range(k // 2):
+        first = m[..., i, ::-1].copy()
+        m[..., i, :] = m[..., k - 1 - i, ::-1]
+        m[..., k - 1 - i, :] = first
+    if k % 2:
+        m[..., k // 2, :] = m[..., k // 2, ::-1].copy()

@@ -162,6 +162,7 @@ class QuantizeJob:
                     signatures[file] = graph_signature(written)
                     continue
                 if walk is not None:
+                    quantizer.hessians = {}  # the last block's H go before this block's are summed
                     quantizer.hessians = self._step(walk, file)
                 model = quantizer.rewrite(model, graph_dir(file))
                 entry = model.metadata_props.add()

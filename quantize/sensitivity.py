@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gemma4_onnx.exporter.geometry import LayerSpec
 from gemma4_onnx.progress import progress
 from gemma4_onnx.quantize.calibration import BlockWalk, calibration_tokens
 from gemma4_onnx.quantize.float_tensors import FloatTensors
@@ -56,16 +57,24 @@ def sensitivities(root: Path, manifest: dict[str, Any], tensors: FloatTensors, e
     walk = BlockWalk(root, manifest, tensors, calibration_tokens(root, text)[:TOKENS])
     out: dict[str, float] = {}
     for spec in progress(walk.geometry.layers, desc="sensitivity", unit="block"):
-        block = walk.block(spec)
-        outputs = [block.run_all(walk.feeds(spec, window)) for window in walk.windows()]
-        energy = sum(float(np.sum(np.square(o["hidden_states_out"], dtype=np.float64))) for o in outputs)
-        for name in sorted(set(block.weights) & set(wanted)):
-            replaced = {name: fake_quantized(block.weights[name], wanted[name])}
-            change = 0.0
-            for window, reference in zip(walk.windows(), outputs, strict=True):
-                (hidden,) = block.run(["hidden_states_out"], walk.feeds(spec, window), replaced)
-                change += float(np.sum(np.square(hidden - reference["hidden_states_out"], dtype=np.float64)))
-            out[name] = change / energy
-            del replaced  # before the next tensor's copy is made
-        walk.advance(spec, outputs)
+        out.update(_block_sensitivities(walk, spec, wanted))
+    return out
+
+
+def _block_sensitivities(walk: BlockWalk, spec: LayerSpec, wanted: dict[str, Entry]) -> dict[str, float]:
+    """One block's candidates; its weights go when it returns, before the next block's are read (held
+    across the loop, two 26B-A4B layers were in memory at once: 3.1 GB each)."""
+    block = walk.block(spec)
+    outputs = [block.run_all(walk.feeds(spec, window)) for window in walk.windows()]
+    energy = sum(float(np.sum(np.square(o["hidden_states_out"], dtype=np.float64))) for o in outputs)
+    out: dict[str, float] = {}
+    for name in sorted(set(block.weights) & set(wanted)):
+        replaced = {name: fake_quantized(block.weights[name], wanted[name])}
+        change = 0.0
+        for window, reference in zip(walk.windows(), outputs, strict=True):
+            (hidden,) = block.run(["hidden_states_out"], walk.feeds(spec, window), replaced)
+            change += float(np.sum(np.square(hidden - reference["hidden_states_out"], dtype=np.float64)))
+        out[name] = change / energy
+        del replaced  # before the next tensor's copy is made
+    walk.advance(spec, outputs)
     return out

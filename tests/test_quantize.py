@@ -366,6 +366,29 @@ def test_gptq_equals_the_reference_loop(experts: int | None, k: int) -> None:
         assert error[0] <= 1.01 * error[1]
 
 
+def test_gptq_spends_only_a_writable_float32_hessian() -> None:
+    """A writable float32 H is factorized in its own memory; a float64 or read-only H is left as it was, and
+    every path gives the same codes, also chunk by chunk with the factor reused (a dead column included)."""
+    from gemma4_onnx.quantize.gptq import gptq, reused_factors
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 96))
+    x[:, 3] = 0
+    h64 = x.T @ x
+    w = rng.standard_normal((40, 96))
+    expected = gptq(w, h64, 4, 32, False)[0]
+    assert np.array_equal(h64, x.T @ x)
+    kept = h64.astype(np.float32)
+    kept.flags.writeable = False
+    assert np.array_equal(gptq(w, kept, 4, 32, False)[0], expected)
+    assert np.array_equal(kept, h64.astype(np.float32))
+    spent = h64.astype(np.float32)
+    with reused_factors():
+        chunks = [gptq(w[rows], spent, 4, 32, False)[0] for rows in (slice(0, 25), slice(25, 40))]
+    assert np.array_equal(np.concatenate(chunks), expected)
+    assert not np.array_equal(spent, h64.astype(np.float32))
+
+
 def test_expert_statistics_are_the_routed_weighted_sums_per_expert() -> None:
     import torch
 
