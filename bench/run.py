@@ -197,4 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (``interrupt_on_sigterm``)
+        print("bench: interrupted; the finished sections are kept: run it again on this commit to resume",
+              file=sys.stderr)
+        sys.exit(130)
