@@ -96,7 +96,7 @@ def _decode(runner: Any, cache: Any) -> Any:
     return lambda round_index: runner.step(cache, 7 + round_index % 5)
 
 
-def _measure(runners: dict[str, Any], ids: list[int], contexts: tuple[int, ...], runs: int) -> dict[str, Any]:
+def measure_runners(runners: dict[str, Any], ids: list[int], contexts: tuple[int, ...], runs: int) -> dict[str, Any]:
     """Per runner and context: prefill ms (whole prompt) and decode ms/token after that prompt."""
     out: dict[str, Any] = {}
     for context in contexts:
@@ -147,7 +147,7 @@ def section(quick: bool) -> Section:
                                                   recipe="int4")
             runners: dict[str, Any] = {"eager": _Eager(checkpoint), **{k: OnnxRunner(p) for k, p in packages.items()}}
             tokens = list(np.random.default_rng(0).integers(10, 200, size=max(contexts)))
-            results = _measure(runners, [int(t) for t in tokens], contexts, runs)
+            results = measure_runners(runners, [int(t) for t in tokens], contexts, runs)
             for context in contexts:
                 eager = results[("eager", context)]
                 eager_decode = section.figure(f"{name} eager decode ms @{context}", "ms", eager["decode_ms"])

@@ -19,11 +19,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import mobile_rss
-from bench_decode import OnnxRunner, read_bandwidth_gbs, weight_bytes_per_token
-from measure import Section, time_ms
+import numpy as np
+from bench_decode import CONTEXTS, OnnxRunner, measure_runners, read_bandwidth_gbs, weight_bytes_per_token
+from measure import Section
 from variant_cli import shallow as shallow_text
 from variant_cli import variant_cli
 
@@ -43,6 +43,18 @@ bits = "float"
 name = "embedding, PLE table, towers at int8"
 match = 'embed_tokens|embed_tokens_per_layer|vision_tower|audio_tower|embed_vision|embed_audio'
 bits = 8
+"""
+INT8_RTN_RECIPE = """description = "int8 RTN (block 16, asym.): the built-in int8 grid, no GPTQ pass; router float"
+[default]
+bits = 8
+block_size = 16
+symmetric = false
+algorithm = "rtn"
+[[rules]]
+name = "router float"
+match = 'router\\.proj\\.weight$'
+optional = true
+bits = "float"
 """
 CLI = [sys.executable, "-m", "gemma4_onnx.cli"]
 SHALLOW_LAYERS = 8
@@ -73,21 +85,15 @@ def package_sizes(package: Path) -> dict[str, int]:
     return {p.relative_to(package).as_posix(): p.stat().st_size for p in sorted(package.rglob("*")) if p.is_file()}
 
 
-def _decode_ms(package: Path, context: int, steps: int = 8) -> dict[str, Any]:
-    """Decode ms/token after a ``context``-token prompt, through the ONNX package (plain sessions)."""
-    runner = OnnxRunner(package)
-    cache = runner.prefill(list(range(10, 10 + context)))
-    return {"context": context, "samples": time_ms(lambda: runner.step(cache, 11), steps, warmup=2)}
-
-
 def section(quick: bool) -> Section:
     variant = "tiny-e2b" if quick else "e2b"
     root = Path(tempfile.mkdtemp(prefix="gemma4-bench-", dir=os.environ.get("GEMMA4_BENCH_TMP")))
     try:
-        fp32, int4, mobile = root / "fp32", root / "int4-rtn", root / "mobile"
+        fp32, int8, int4, mobile = root / "fp32", root / "int8-rtn", root / "int4-rtn", root / "mobile"
         checkpoint, streamed = root / "checkpoint-bf16", root / "int4-streamed"
-        recipe = root / "int4-rtn.toml"
+        recipe, recipe8 = root / "int4-rtn.toml", root / "int8-rtn.toml"
         recipe.write_text(RTN_RECIPE)
+        recipe8.write_text(INT8_RTN_RECIPE)
         steps = {
             "init-checkpoint (bf16)": run_measured([*CLI, "init-checkpoint", variant, str(checkpoint), "--quiet"]),
             STREAMED: run_measured([*CLI, "export", str(checkpoint), str(streamed), "--recipe", "int4",
@@ -105,13 +111,21 @@ def section(quick: bool) -> Section:
             "export fp32": run_measured([*CLI, "export", variant, str(fp32), "--quiet"]),
             "quantize int4 (RTN)": run_measured([*CLI, "quantize", str(fp32), str(int4), "--recipe", str(recipe),
                                                  "--quiet"]),
+            "quantize int8 (RTN)": run_measured([*CLI, "quantize", str(fp32), str(int8), "--recipe", str(recipe8),
+                                                 "--quiet"]),
             "mobile (.ort)": run_measured([*CLI, "mobile", str(int4), str(mobile), "--quiet"]),
         }
-        sizes = {"fp32": package_sizes(fp32), "int4-rtn": package_sizes(int4), "int4 (export --recipe)": streamed_sizes}
-        shutil.rmtree(fp32)
+        sizes = {"fp32": package_sizes(fp32), "int8-rtn": package_sizes(int8), "int4-rtn": package_sizes(int4),
+                 "int4 (export --recipe)": streamed_sizes}
+        packages = {"fp32": fp32, "int8-rtn": int8, "int4-rtn": int4}
+        weights = {name: weight_bytes_per_token(package) for name, package in packages.items()}
+        contexts = (16, 64) if quick else CONTEXTS
+        tokens = [int(t) for t in np.random.default_rng(0).integers(10, 200, size=max(contexts))]
+        speeds = measure_runners({name: OnnxRunner(package) for name, package in packages.items()}, tokens,
+                                 contexts, 2 if quick else 3)
+        for package in packages.values():
+            shutil.rmtree(package)
         rss = mobile_rss.measure(mobile, steps=8 if quick else 128)
-        decode = _decode_ms(int4, 16 if quick else 128)
-        weights = weight_bytes_per_token(int4)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -143,13 +157,21 @@ def section(quick: bool) -> Section:
         f"{deep_peak / gib:.2f} GiB peak RSS, ratio {deep_peak / shallow_peak:.2f} (goal: flat, within 10 %: "
         f"{'met' if deep_peak <= 1.1 * shallow_peak else 'not met'}).")
     bandwidth = section.figure("read bandwidth", "GB/s", read_bandwidth_gbs())
-    decode_ms = section.figure("int4-rtn decode ms/token", "ms", decode["samples"], context=decode["context"])
-    roofline_ms = weights / (bandwidth.median * 1e9) * 1e3
     section.findings.append(
-        f"int4-rtn decode after {decode['context']} tokens: {decode_ms.median:.1f} ms/token (median of "
-        f"{len(decode['samples'])}); weights read per token {weights / 1e9:.2f} GB at {bandwidth.median:.1f} GB/s "
-        f"read bandwidth → roofline {roofline_ms:.1f} ms/token, measured = {roofline_ms / decode_ms.median:.0%} of it "
-        f"(goal ≥ 50%: {'met' if roofline_ms / decode_ms.median >= 0.5 else 'not met'}).")
+        f"Decode and prefill through plain onnxruntime sessions (runs interleaved, medians); read bandwidth "
+        f"{bandwidth.median:.1f} GB/s; roofline = weights read per token (decoder files, PLE rows excluded) / "
+        f"bandwidth. transformers eager is not run at this size: E2B in fp32 is 20 GB in torch, beside the "
+        f"packages on a 24 GB machine (the decode section compares eager on both fixtures).")
+    for (name, context), measured in speeds.items():
+        prefill = section.figure(f"{name} prefill ms @{context}", "ms", measured["prefill_ms"])
+        decode = section.figure(f"{name} decode ms/token @{context}", "ms", measured["decode_ms"])
+        roofline_ms = weights[name] / (bandwidth.median * 1e9) * 1e3
+        share = roofline_ms / decode.median
+        goal = f"; goal ≥ 50 %: {'met' if share >= 0.5 else 'not met'}" if name == "int4-rtn" else ""
+        section.findings.append(
+            f"{name} @{context}: prefill {context / prefill.median * 1e3:.0f} tokens/s, decode "
+            f"{decode.median:.1f} ms/token; weights read per token {weights[name] / 1e9:.2f} GB → roofline "
+            f"{roofline_ms:.1f} ms/token, measured = {share:.0%} of it{goal}.")
     mapped, in_ram = rss["mapped"], rss["in_ram"]
     total = {kind: sum(files.values()) / gib for kind, files in sizes.items()}
     ple = {kind: files.get("ple.data", 0) / gib for kind, files in sizes.items()}
@@ -157,6 +179,7 @@ def section(quick: bool) -> Section:
     graphs = sum(rss["graph_file_bytes"].values()) / mib
     section.findings += [
         f"Package sizes: fp32 {total['fp32']:.2f} GiB (ple.data {ple['fp32']:.2f}), "
+        f"int8-rtn {total['int8-rtn']:.2f} GiB (ple.data {ple['int8-rtn']:.2f}), "
         f"int4-rtn {total['int4-rtn']:.2f} GiB (ple.data {ple['int4-rtn']:.2f}), "
         f"int4 (GPTQ, export --recipe) {streamed_total:.2f} GiB (ple.data {streamed_ple:.2f}).",
         f"Generating {rss['steps']} tokens from the mobile package with the PLE rows memory-mapped: RSS "
