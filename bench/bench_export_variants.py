@@ -5,17 +5,25 @@ E4B from a bf16 checkpoint directory written first (``init-checkpoint``; goals �
 in ``full_size``); 26B-A4B and 31B from random weights, the variant name as SOURCE (their bf16 checkpoints
 would not fit this disk next to the output; goal ≤ 8 GiB). Each package is removed once measured.
 ``--quick`` runs the same on the tiny variants.
+
+The three take hours on two cores, so the section resumes: its work folder (under ``GEMMA4_BENCH_TMP`` or
+the system's temporary folder) keeps the figures of the variants done and, when interrupted, the export in
+progress, which its next run continues (``export`` resumes from its last completed block). A resumed
+variant's wall time is the sum of its runs and its peak RSS the highest of them; the table says how many
+runs it took. A work folder of another commit, or of a modified tree, is started over.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from bench_full_size import CALIBRATION_TOKENS, CLI, package_sizes, run_measured
-from measure import Section
+from bench_full_size import CALIBRATION_TOKENS, CLI, Interrupted, package_sizes, run_measured
+from measure import Section, git_state
 
 GIB = 1 << 30
 # variant → (from a bf16 checkpoint, goal seconds or None, goal peak RSS)
@@ -23,40 +31,69 @@ VARIANTS = {"e4b": (True, 20 * 60, 4 * GIB), "26b-a4b": (False, None, 8 * GIB), 
 
 
 def section(quick: bool) -> Section:
-    root = Path(tempfile.mkdtemp(prefix="gemma4-bench-variants-", dir=os.environ.get("GEMMA4_BENCH_TMP")))
-    measured: dict[str, dict[str, float]] = {}
-    sizes: dict[str, dict[str, int]] = {}
-    try:
-        for variant, (from_checkpoint, _, _) in VARIANTS.items():
-            name = f"tiny-{variant}" if quick else variant
-            source = name
-            if from_checkpoint:
-                source = str(root / f"{name}-bf16")
-                run_measured([*CLI, "init-checkpoint", name, source, "--quiet"])
-            package = root / f"{name}-int4"
-            measured[variant] = run_measured([*CLI, "export", source, str(package), "--recipe", "int4",
-                                              "--calibration-tokens", str(CALIBRATION_TOKENS), "--quiet"])
-            sizes[variant] = package_sizes(package)
-            shutil.rmtree(package)
-            if from_checkpoint:
-                shutil.rmtree(source)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    root = Path(os.environ.get("GEMMA4_BENCH_TMP") or tempfile.gettempdir()) / "gemma4-bench-export-variants"
+    state = _state(root, quick)
+    for variant, (from_checkpoint, _, _) in VARIANTS.items():
+        runs = state["variants"].setdefault(variant, {"runs": [], "sizes": None})
+        if runs["sizes"] is None:
+            _measure(root, f"tiny-{variant}" if quick else variant, from_checkpoint, runs, state)
+    shutil.rmtree(root)
+    return _section(state["variants"], quick)
 
+
+def _state(root: Path, quick: bool) -> dict[str, Any]:
+    """The work folder's record, or a new one (and an empty folder) when it is of another commit or mode."""
+    git = git_state()
+    key = {"commit": git["commit"] if git and not git["modified"] else None, "quick": quick}
+    record = root / "state.json"
+    if key["commit"] and record.exists():
+        state: dict[str, Any] = json.loads(record.read_text())
+        if {k: state.get(k) for k in key} == key:
+            return state
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    return {**key, "variants": {}}
+
+
+def _measure(root: Path, name: str, from_checkpoint: bool, runs: dict[str, Any], state: dict[str, Any]) -> None:
+    source, package = name, root / f"{name}-int4"
+    if from_checkpoint:
+        source = str(root / f"{name}-bf16")
+        if not Path(source).is_dir():
+            run_measured([*CLI, "init-checkpoint", name, source, "--quiet"])
+    try:
+        runs["runs"].append(run_measured([*CLI, "export", source, str(package), "--recipe", "int4",
+                                          "--calibration-tokens", str(CALIBRATION_TOKENS), "--quiet"]))
+    except Interrupted as stopped:
+        runs["runs"].append(stopped.spent)
+        raise
+    finally:
+        (root / "state.json").write_text(json.dumps(state, indent=1))
+    runs["sizes"] = package_sizes(package)
+    (root / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(package)
+    if from_checkpoint:
+        shutil.rmtree(source)
+
+
+def _section(variants: dict[str, Any], quick: bool) -> Section:
     section = Section("export_variants", "One-pass int4 export of E4B, 26B-A4B and 31B (random weights, real geometry)",
                       {"recipe": "int4", "calibration tokens": CALIBRATION_TOKENS, "cpus": len(os.sched_getaffinity(0)),
                        "variants": "tiny" if quick else "full size"})
-    section.columns = ["variant", "source", "wall", "peak RSS", "package", "ple.data", "goal"]
+    section.columns = ["variant", "source", "runs", "wall", "peak RSS", "package", "ple.data", "goal"]
     for variant, (from_checkpoint, goal_seconds, goal_rss) in VARIANTS.items():
-        figures = measured[variant]
-        section.figure(f"{variant} export seconds", "s", [figures["seconds"]])
-        section.figure(f"{variant} export peak RSS", "bytes", [figures["peak_rss_bytes"]])
-        met = figures["peak_rss_bytes"] <= goal_rss and (goal_seconds is None or figures["seconds"] <= goal_seconds)
+        runs, sizes = variants[variant]["runs"], variants[variant]["sizes"]
+        seconds = sum(r["seconds"] for r in runs)
+        peak = max(r["peak_rss_bytes"] for r in runs)
+        section.figure(f"{variant} export seconds", "s", [seconds], runs=len(runs))
+        section.figure(f"{variant} export peak RSS", "bytes", [peak], runs=len(runs))
+        met = peak <= goal_rss and (goal_seconds is None or seconds <= goal_seconds)
         goal = (f"≤ {goal_seconds // 60} min, " if goal_seconds else "") + f"≤ {goal_rss // GIB} GiB"
-        total, ple = sum(sizes[variant].values()), sizes[variant].get("ple.data", 0)
+        total, ple = sum(sizes.values()), sizes.get("ple.data", 0)
         section.rows.append([variant, "bf16 checkpoint" if from_checkpoint else "random (variant name)",
-                             f"{figures['seconds'] / 60:.1f} min", f"{figures['peak_rss_bytes'] / GIB:.2f} GiB",
-                             f"{total / GIB:.2f} GiB", f"{ple / GIB:.2f} GiB" if ple else "—",
-                             f"{goal}: {'met' if met else 'not met'}"])
-    section.extra = {"sizes": sizes}
+                             str(len(runs)) + (" (resumed)" if len(runs) > 1 else ""),
+                             f"{seconds / 60:.1f} min", f"{peak / GIB:.2f} GiB", f"{total / GIB:.2f} GiB",
+                             f"{ple / GIB:.2f} GiB" if ple else "—", f"{goal}: {'met' if met else 'not met'}"])
+    section.extra = {"sizes": {v: variants[v]["sizes"] for v in VARIANTS}, "runs": {v: variants[v]["runs"]
+                                                                                    for v in VARIANTS}}
     return section

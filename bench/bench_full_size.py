@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import mobile_rss
 import numpy as np
@@ -64,21 +65,33 @@ STREAMED_GOAL_SECONDS = 20 * 60
 STREAMED_GOAL_RSS = 4 << 30
 
 
+class Interrupted(KeyboardInterrupt):
+    """A measured command stopped by an interruption: what it had spent by then (``run_measured``'s figures)."""
+
+    def __init__(self, spent: dict[str, float]) -> None:
+        super().__init__()
+        self.spent = spent
+
+
 def run_measured(arguments: list[str]) -> dict[str, float]:
-    """Wall seconds and peak RSS (bytes) of one command, as its own process."""
+    """Wall seconds and peak RSS (bytes) of one command, as its own process. Interrupted, the command is
+    stopped too (an export keeps what it can resume from) and ``Interrupted`` carries its figures so far."""
     start = time.monotonic()
     process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _, status, usage = os.wait4(process.pid, 0)
-    except BaseException:  # interrupted: the command goes too (an export keeps what it can resume from)
+    except KeyboardInterrupt:
         process.terminate()
-        process.wait()
-        raise
-    wall = time.monotonic() - start
+        _, status, usage = os.wait4(process.pid, 0)
+        raise Interrupted(_figures(start, usage)) from None
     if os.waitstatus_to_exitcode(status) != 0:
         error = process.stderr.read().decode()[-2000:] if process.stderr else ""
         raise RuntimeError(f"{' '.join(arguments)} failed: {error}")
-    return {"seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    return _figures(start, usage)
+
+
+def _figures(start: float, usage: Any) -> dict[str, float]:
+    return {"seconds": time.monotonic() - start, "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
 def package_sizes(package: Path) -> dict[str, int]:

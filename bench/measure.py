@@ -10,9 +10,11 @@ and bench/results.md. Benchmarks are measurements, never pass/fail.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 K = TypeVar("K")
@@ -124,3 +126,15 @@ def interleaved_ms(calls: Mapping[K, Callable[[int], Any]], runs: int, warmup: i
             if round_index >= warmup:
                 samples[key].append((time.perf_counter() - start) * 1e3)
     return samples
+
+
+def git_state() -> dict[str, Any] | None:
+    """The commit measured, and whether the tree had changes (read-only git calls)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=here, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -35,7 +34,7 @@ import bench_decode
 import bench_export_variants
 import bench_full_size
 import bench_topk_moe
-from measure import Section
+from measure import Section, git_state
 
 from gemma4_onnx.cli import interrupt_on_sigterm
 
@@ -60,7 +59,7 @@ def machine() -> dict[str, Any]:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": _memory_gib(),
         "libraries": {},
-        "git": _git(),
+        "git": git_state(),
     }
     for name in LIBRARIES:
         try:
@@ -88,19 +87,6 @@ def _memory_gib() -> float | None:
     except OSError:
         pass
     return None
-
-
-def _git() -> dict[str, Any] | None:
-    """The commit measured, and whether the tree had changes (read-only git calls)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True)
-        status = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-            cwd=HERE, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
 def markdown(results: dict[str, Any]) -> str:
