@@ -46,6 +46,12 @@ def test_verify_accepts_a_quantized_package(exported, tmp_path) -> None:
     assert_verified(quantized)
 
 
+def test_verify_accepts_inputs_with_a_default(exported) -> None:
+    """26B/31B graphs take image_blocks with a default value, which onnxruntime lists among initializers."""
+    _, fp32 = exported("tiny-26b-a4b")
+    assert_verified(fp32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{"source": "tiny-26b-a4b"}, {"source": "tiny-31b", "target": "ort"},
                                      {"source": "tiny-e4b", "structure_only": True}], ids=str)
