@@ -26,6 +26,7 @@ from bench_full_size import CALIBRATION_TOKENS, CLI, Interrupted, package_sizes,
 from measure import Section, git_state
 
 GIB = 1 << 30
+STATE = "state.json"  # in the work folder: the commit, the mode and each variant's runs
 # variant → (from a bf16 checkpoint, goal seconds or None, goal peak RSS)
 VARIANTS = {"e4b": (True, 20 * 60, 4 * GIB), "26b-a4b": (False, None, 8 * GIB), "31b": (False, None, 8 * GIB)}
 
@@ -45,7 +46,7 @@ def _state(root: Path, quick: bool) -> dict[str, Any]:
     """The work folder's record, or a new one (and an empty folder) when it is of another commit or mode."""
     git = git_state()
     key = {"commit": git["commit"] if git and not git["modified"] else None, "quick": quick}
-    record = root / "state.json"
+    record = root / STATE
     if key["commit"] and record.exists():
         state: dict[str, Any] = json.loads(record.read_text())
         if {k: state.get(k) for k in key} == key:
@@ -68,12 +69,16 @@ def _measure(root: Path, name: str, from_checkpoint: bool, runs: dict[str, Any],
         runs["runs"].append(stopped.spent)
         raise
     finally:
-        (root / "state.json").write_text(json.dumps(state, indent=1))
+        _save(root, state)
     runs["sizes"] = package_sizes(package)
-    (root / "state.json").write_text(json.dumps(state, indent=1))
+    _save(root, state)
     shutil.rmtree(package)
     if from_checkpoint:
         shutil.rmtree(source)
+
+
+def _save(root: Path, state: dict[str, Any]) -> None:
+    (root / STATE).write_text(json.dumps(state, indent=1))
 
 
 def _section(variants: dict[str, Any], quick: bool) -> Section:

@@ -116,7 +116,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def resumable(partial: Path, results: dict[str, Any], chosen: list[str]) -> dict[str, Any]:
     """Sections an interrupted run of the same commit (tree unmodified) and mode finished, to keep: the full
-    suite runs for hours, and like an export it goes on from where it stopped."""
+    suite runs for hours, and like an export it goes on from where it stopped. ``results`` takes the
+    interrupted run's start time."""
     git = results["machine"]["git"]
     if not partial.exists() or not git or git["modified"]:
         return {}

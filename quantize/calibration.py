@@ -10,6 +10,7 @@ recomputed from the float gate/up weights.
 The tied LM head's H comes from a last step through the decoder's head (final norm), after every block.
 """
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +172,8 @@ class HessianWalk:
             outputs.append({k: v for k, v in values.items() if k in CARRIED})
         self.walk.advance(spec, outputs)
         sums = gram.result()
-        shared = [a for a in sums if list(inputs.values()).count(a) > 1]  # q/k/v, gate/up: read by several
-        _read_only({a: sums[a] for a in shared})
+        readers = Counter(inputs.values())  # q/k/v and gate/up read one activation: their H is not spent
+        _read_only({a: h for a, h in sums.items() if readers[a] > 1})
         hessians: Hessians = {weight: sums[activation] for weight, activation in inputs.items()}
         for layer in moe:
             hessians.update(layer.hessians())
