@@ -6,11 +6,12 @@ in ``full_size``); 26B-A4B and 31B from random weights, the variant name as SOUR
 would not fit this disk next to the output; goal ≤ 8 GiB). Each package is removed once measured.
 ``--quick`` runs the same on the tiny variants.
 
-The three take hours on two cores, so the section resumes: its work folder (under ``GEMMA4_BENCH_TMP`` or
-the system's temporary folder) keeps the figures of the variants done and, when interrupted, the export in
-progress, which its next run continues (``export`` resumes from its last completed block). A resumed
+Each variant is its own section (``export_e4b``, ``export_26b_a4b``, ``export_31b``): together they take
+hours on two cores (31B alone over two), so ``run.py`` keeps each finished one, and an interrupted one
+resumes: its work folder (under ``GEMMA4_BENCH_TMP`` or the system's temporary folder) keeps the export in
+progress, which the next run continues (``export`` resumes from its last completed block). A resumed
 variant's wall time is the sum of its runs and its peak RSS the highest of them; the table says how many
-runs it took. A work folder of another commit, or of a modified tree, is started over.
+runs it took. A work folder of other code, or of a modified tree, is started over.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,51 +28,54 @@ from bench_full_size import CALIBRATION_TOKENS, CLI, Interrupted, package_sizes,
 from measure import Section, git_state
 
 GIB = 1 << 30
-STATE = "state.json"  # in the work folder: the commit, the mode and each variant's runs
+STATE = "state.json"  # in the work folder: the code, the mode and the runs
 # variant → (from a bf16 checkpoint, goal seconds or None, goal peak RSS)
 VARIANTS = {"e4b": (True, 20 * 60, 4 * GIB), "26b-a4b": (False, None, 8 * GIB), "31b": (False, None, 8 * GIB)}
 
 
-def section(quick: bool) -> Section:
-    root = Path(os.environ.get("GEMMA4_BENCH_TMP") or tempfile.gettempdir()) / "gemma4-bench-export-variants"
-    state = _state(root, quick)
-    for variant, (from_checkpoint, _, _) in VARIANTS.items():
-        runs = state["variants"].setdefault(variant, {"runs": [], "sizes": None})
-        if runs["sizes"] is None:
-            _measure(root, f"tiny-{variant}" if quick else variant, from_checkpoint, runs, state)
-    shutil.rmtree(root)
-    return _section(state["variants"], quick)
+def section(variant: str) -> Callable[[bool], Section]:
+    def measure(quick: bool) -> Section:
+        root = Path(os.environ.get("GEMMA4_BENCH_TMP") or tempfile.gettempdir()) / f"gemma4-bench-export-{variant}"
+        state = _state(root, quick)
+        if state["sizes"] is None:
+            _measure(root, f"tiny-{variant}" if quick else variant, VARIANTS[variant][0], state)
+        shutil.rmtree(root)
+        return _section(variant, state, quick)
+    return measure
+
+
+SECTIONS = {f"export_{variant.replace('-', '_')}": section(variant) for variant in VARIANTS}
 
 
 def _state(root: Path, quick: bool) -> dict[str, Any]:
-    """The work folder's record, or a new one (and an empty folder) when it is of another commit or mode."""
+    """The work folder's record, or a new one (and an empty folder) when it is of other code or mode."""
     git = git_state()
-    key = {"commit": git["commit"] if git and not git["modified"] else None, "quick": quick}
+    key = {"code": git["code"] if git and not git["modified"] else None, "quick": quick}
     record = root / STATE
-    if key["commit"] and record.exists():
+    if key["code"] and record.exists():
         state: dict[str, Any] = json.loads(record.read_text())
         if {k: state.get(k) for k in key} == key:
             return state
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    return {**key, "variants": {}}
+    return {**key, "runs": [], "sizes": None}
 
 
-def _measure(root: Path, name: str, from_checkpoint: bool, runs: dict[str, Any], state: dict[str, Any]) -> None:
+def _measure(root: Path, name: str, from_checkpoint: bool, state: dict[str, Any]) -> None:
     source, package = name, root / f"{name}-int4"
     if from_checkpoint:
         source = str(root / f"{name}-bf16")
         if not Path(source).is_dir():
             run_measured([*CLI, "init-checkpoint", name, source, "--quiet"])
     try:
-        runs["runs"].append(run_measured([*CLI, "export", source, str(package), "--recipe", "int4",
+        state["runs"].append(run_measured([*CLI, "export", source, str(package), "--recipe", "int4",
                                           "--calibration-tokens", str(CALIBRATION_TOKENS), "--quiet"]))
     except Interrupted as stopped:
-        runs["runs"].append(stopped.spent)
+        state["runs"].append(stopped.spent)
         raise
     finally:
         _save(root, state)
-    runs["sizes"] = package_sizes(package)
+    state["sizes"] = package_sizes(package)
     _save(root, state)
     shutil.rmtree(package)
     if from_checkpoint:
@@ -81,24 +86,25 @@ def _save(root: Path, state: dict[str, Any]) -> None:
     (root / STATE).write_text(json.dumps(state, indent=1))
 
 
-def _section(variants: dict[str, Any], quick: bool) -> Section:
-    section = Section("export_variants", "One-pass int4 export of E4B, 26B-A4B and 31B (random weights, real geometry)",
+def _section(variant: str, state: dict[str, Any], quick: bool) -> Section:
+    from_checkpoint, goal_seconds, goal_rss = VARIANTS[variant]
+    source = "bf16 checkpoint" if from_checkpoint else "random weights"
+    section = Section(f"export_{variant.replace('-', '_')}",
+                      f"One-pass int4 export of {variant.upper()} ({source}, real geometry)",
                       {"recipe": "int4", "calibration tokens": CALIBRATION_TOKENS, "cpus": len(os.sched_getaffinity(0)),
-                       "variants": "tiny" if quick else "full size"})
+                       "variant": f"tiny-{variant}" if quick else f"{variant} (full size)"})
     section.columns = ["variant", "source", "runs", "wall", "peak RSS", "package", "ple.data", "goal"]
-    for variant, (from_checkpoint, goal_seconds, goal_rss) in VARIANTS.items():
-        runs, sizes = variants[variant]["runs"], variants[variant]["sizes"]
-        seconds = sum(r["seconds"] for r in runs)
-        peak = max(r["peak_rss_bytes"] for r in runs)
-        section.figure(f"{variant} export seconds", "s", [seconds], runs=len(runs))
-        section.figure(f"{variant} export peak RSS", "bytes", [peak], runs=len(runs))
-        met = peak <= goal_rss and (goal_seconds is None or seconds <= goal_seconds)
-        goal = (f"≤ {goal_seconds // 60} min, " if goal_seconds else "") + f"≤ {goal_rss // GIB} GiB"
-        total, ple = sum(sizes.values()), sizes.get("ple.data", 0)
-        section.rows.append([variant, "bf16 checkpoint" if from_checkpoint else "random (variant name)",
-                             str(len(runs)) + (" (resumed)" if len(runs) > 1 else ""),
-                             f"{seconds / 60:.1f} min", f"{peak / GIB:.2f} GiB", f"{total / GIB:.2f} GiB",
-                             f"{ple / GIB:.2f} GiB" if ple else "—", f"{goal}: {'met' if met else 'not met'}"])
-    section.extra = {"sizes": {v: variants[v]["sizes"] for v in VARIANTS}, "runs": {v: variants[v]["runs"]
-                                                                                    for v in VARIANTS}}
+    runs, sizes = state["runs"], state["sizes"]
+    seconds = sum(r["seconds"] for r in runs)
+    peak = max(r["peak_rss_bytes"] for r in runs)
+    section.figure(f"{variant} export seconds", "s", [seconds], runs=len(runs))
+    section.figure(f"{variant} export peak RSS", "bytes", [peak], runs=len(runs))
+    met = peak <= goal_rss and (goal_seconds is None or seconds <= goal_seconds)
+    goal = (f"≤ {goal_seconds // 60} min, " if goal_seconds else "") + f"≤ {goal_rss // GIB} GiB"
+    total, ple = sum(sizes.values()), sizes.get("ple.data", 0)
+    section.rows.append([variant, source if from_checkpoint else "random (variant name)",
+                         str(len(runs)) + (" (resumed)" if len(runs) > 1 else ""),
+                         f"{seconds / 60:.1f} min", f"{peak / GIB:.2f} GiB", f"{total / GIB:.2f} GiB",
+                         f"{ple / GIB:.2f} GiB" if ple else "—", f"{goal}: {'met' if met else 'not met'}"])
+    section.extra = {"sizes": sizes, "runs": runs}
     return section

@@ -9,6 +9,7 @@ and bench/results.md. Benchmarks are measurements, never pass/fail.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import subprocess
 import time
@@ -128,13 +129,29 @@ def interleaved_ms(calls: Mapping[K, Callable[[int], Any]], runs: int, warmup: i
     return samples
 
 
+RESULTS = ("bench/results.json", "bench/results.md", "bench/results.partial.json")  # measured, not measuring
+
+
 def git_state() -> dict[str, Any] | None:
-    """The commit measured, and whether the tree had changes (read-only git calls)."""
+    """The commit measured, the code it measured (a hash of every tracked file but the bench results and the
+    Markdown docs: a commit that only records results or edits prose measures the same code) and whether that
+    code had uncommitted changes (read-only git calls)."""
     here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=here, capture_output=True, text=True,
+                              check=True).stdout
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=here, capture_output=True, text=True, check=True)
+        commit = git("rev-parse", "HEAD").strip()
+        files = git("ls-tree", "-r", "--full-tree", "HEAD").splitlines()
+        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
+    code = [line for line in files if _measures(line.split("\t", 1)[1])]
+    return {"commit": commit, "code": hashlib.sha256("\n".join(code).encode()).hexdigest()[:16],
+            "modified": any(_measures(line[3:]) for line in changed)}
+
+
+def _measures(path: str) -> bool:
+    return path not in RESULTS and not path.endswith(".md")

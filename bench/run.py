@@ -10,7 +10,8 @@ speed, memory, sizes): write ``bench/bench_<name>.py`` with ``section()`` and ad
 
 ``--quick`` runs every section on small shapes (a check that the harness works, not a measurement).
 Each finished section is saved to results.partial.json at once: a run that was interrupted (the full
-suite exports 31B) is resumed by running it again on the same commit, and says which sections it kept.
+suite exports 31B, hours on two cores) is resumed by running it again on the same code and kind of
+machine, and says which sections it kept and when they were measured; ``--fresh`` measures everything.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "decode": bench_decode.section,
     "builder": bench_builder.section,
     "full_size": bench_full_size.section,
-    "export_variants": bench_export_variants.section,
+    **bench_export_variants.SECTIONS,
 }
 LIBRARIES = ("gemma4-onnx", "onnxruntime", "onnx", "onnxscript", "onnx-ir", "numpy", "torch", "transformers")
 
@@ -101,8 +102,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['started']} · {results['seconds']:.0f} s · commit {commit}"
         + (" · QUICK (small shapes, not a measurement)" if results["quick"] else ""),
         "",
-        *([f"Resumed: {', '.join(resumed)} measured by an earlier, interrupted run of this commit.", ""]
-          if resumed else []),
+        *([f"Resumed: {', '.join(f'{name} (measured {_measured(results, name)})' for name in resumed)}, "
+           "kept from earlier, interrupted runs of the same code on this kind of machine.", ""] if resumed else []),
         f"Machine: {info['cpu']}, {info['usable_cpus']} usable CPUs, {info['memory_gib']} GiB, {info['platform']}, "
         f"Python {info['python']}.",
         "",
@@ -114,10 +115,16 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _measured(results: dict[str, Any], name: str) -> str:
+    measured = results["sections"][name].get("measured") or {}
+    return f"{measured.get('started', '?')} at {(measured.get('commit') or {}).get('commit', '?')[:10]}"
+
+
 def resumable(partial: Path, results: dict[str, Any], chosen: list[str]) -> dict[str, Any]:
-    """Sections an interrupted run of the same commit (tree unmodified) and mode finished, to keep: the full
-    suite runs for hours, and like an export it goes on from where it stopped. ``results`` takes the
-    interrupted run's start time."""
+    """Sections an interrupted run finished, to keep when it measured the same code (tree unmodified), in the
+    same mode, on the same kind of machine: the full suite runs for hours, and like an export it goes on from
+    where it stopped, in a later session too (the partial file can be committed, since the code hash leaves
+    the results out). Each kept section says when it was measured."""
     git = results["machine"]["git"]
     if not partial.exists() or not git or git["modified"]:
         return {}
@@ -125,10 +132,14 @@ def resumable(partial: Path, results: dict[str, Any], chosen: list[str]) -> dict
         earlier = json.loads(partial.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    if earlier.get("quick") != results["quick"] or (earlier["machine"].get("git") or {}).get("commit") != git["commit"]:
+    if earlier.get("quick") != results["quick"] or (earlier["machine"].get("git") or {}).get("code") != git["code"] \
+            or _identity(earlier["machine"]) != _identity(results["machine"]):
         return {}
-    results["started"] = earlier["started"]
     return {name: entry for name, entry in earlier["sections"].items() if name in chosen and "markdown" in entry}
+
+
+def _identity(info: dict[str, Any]) -> tuple[Any, ...]:
+    return info["cpu"], info["usable_cpus"], info["memory_gib"], info["libraries"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated sections (of {', '.join(SECTIONS)})")
     parser.add_argument("--quick", action="store_true", help="small shapes: check the harness, measure nothing")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json and results.md go")
+    parser.add_argument("--fresh", action="store_true", help="measure every section, keep nothing of an earlier run")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # finished sections stay in results.partial.json
     chosen = args.only.split(",") if args.only else list(SECTIONS)
@@ -143,18 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
 
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     results: dict[str, Any] = {
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "started": started,
         "quick": args.quick,
         "machine": machine(),
         "sections": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "results.partial.json"
-    kept = resumable(partial, results, chosen)
+    kept = {} if args.fresh else resumable(partial, results, chosen)
     if kept:
         results["resumed"] = list(kept)
-        print(f"resuming: {', '.join(kept)} finished by an interrupted run of this commit", flush=True)
+        print(f"resuming: {', '.join(kept)} finished by an interrupted run of this code", flush=True)
     failed = False
     for name in chosen:
         if name in kept:
@@ -170,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             print(results["sections"][name]["error"], file=sys.stderr)
             continue
         results["sections"][name] = {**section.to_json(), "markdown": section.to_markdown(),
-                                     "seconds": time.monotonic() - section_start}
+                                     "seconds": time.monotonic() - section_start,
+                                     "measured": {"started": started, "commit": results["machine"]["git"]}}
         partial.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     results["seconds"] = sum(entry.get("seconds", 0.0) for entry in results["sections"].values())
     (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
@@ -187,6 +201,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (``interrupt_on_sigterm``)
-        print("bench: interrupted; the finished sections are kept: run it again on this commit to resume",
+        print("bench: interrupted; the finished sections are kept: run it again to resume",
               file=sys.stderr)
         sys.exit(130)
