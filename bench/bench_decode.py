@@ -66,26 +66,31 @@ class OnnxRunner:
         self.model.forward(np.array([[token]]), cache)
 
 
-class _Eager:
-    def __init__(self, checkpoint: Path) -> None:
-        from gemma4_onnx.exporter.reference_outputs import Reference
+class EagerRunner:
+    """Prefill and decode through transformers eager: the whole model in fp32 (fixtures), or with ``lean``
+    the text model alone in the checkpoint's bf16 (full size, where fp32 would not fit beside the packages)."""
 
-        self.reference = Reference(str(checkpoint))
+    def __init__(self, checkpoint: Path, lean: bool = False) -> None:
+        from gemma4_onnx.exporter.checkpoint import Checkpoint
+        from gemma4_onnx.exporter.reference import load_reference_model, load_reference_text_model
+
+        opened = Checkpoint.open(str(checkpoint))
+        self.model = load_reference_text_model(opened) if lean else load_reference_model(opened)
 
     def prefill(self, ids: list[int]) -> Any:
         import torch
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.reference.model.config.get_text_config())
+        cache = DynamicCache(config=self.model.config.get_text_config())
         with torch.no_grad():
-            self.reference.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+            self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
         return cache
 
     def step(self, cache: Any, token: int) -> None:
         import torch
 
         with torch.no_grad():
-            self.reference.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            self.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
 
 
 def _prefill(runner: Any, prompt: list[int]) -> Any:
@@ -145,7 +150,8 @@ def section(quick: bool) -> Section:
             packages["fp32 ort"] = export_package(str(checkpoint), root / f"{name}-fp32-ort", target="ort")
             packages["int4 ort"] = export_package(str(checkpoint), root / f"{name}-int4-ort", target="ort",
                                                   recipe="int4")
-            runners: dict[str, Any] = {"eager": _Eager(checkpoint), **{k: OnnxRunner(p) for k, p in packages.items()}}
+            runners: dict[str, Any] = {"eager": EagerRunner(checkpoint),
+                                       **{k: OnnxRunner(p) for k, p in packages.items()}}
             tokens = list(np.random.default_rng(0).integers(10, 200, size=max(contexts)))
             results = measure_runners(runners, [int(t) for t in tokens], contexts, runs)
             for context in contexts:

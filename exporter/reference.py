@@ -2,9 +2,10 @@
 
 import torch
 from transformers import Gemma4ForConditionalGeneration
+from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding, Gemma4TextScaledWordEmbedding
 
 from gemma4_onnx.exporter.checkpoint import Checkpoint
-from gemma4_onnx.exporter.hf_model import expected_tensors, hf_config, quiet_transformers
+from gemma4_onnx.exporter.hf_model import STATE_PREFIX, expected_tensors, hf_config, meta_model, quiet_transformers
 
 
 def load_reference_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Gemma4ForConditionalGeneration:
@@ -19,4 +20,26 @@ def load_reference_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.floa
     if missing or result.unexpected_keys:
         raise RuntimeError(f"reference load mismatch: missing {missing}, unexpected {result.unexpected_keys}")
     model.tie_weights()
+    return model.eval()
+
+
+def load_reference_text_model(checkpoint: Checkpoint,
+                              dtype: torch.dtype = torch.bfloat16) -> Gemma4ForConditionalGeneration:
+    """The text model alone, built on the meta device and given the checkpoint's tensors as they are read:
+    no initialisation pass and no second copy, so full-size E2B in bf16 takes its 10 GB of weights in RAM
+    (built on the CPU first, as ``load_reference_model`` does, it would need four times that). The towers
+    are left unloaded: text inputs only."""
+    model = meta_model(checkpoint.config)
+    names = [name for name in expected_tensors(checkpoint.config) if name.startswith(STATE_PREFIX)]
+    model.load_state_dict({name: checkpoint.tensor(name, dtype) for name in names}, strict=False, assign=True)
+    text = model.model.language_model
+    text.rotary_emb = Gemma4TextRotaryEmbedding(text.config)  # computed buffers: not in a checkpoint
+    for module in text.modules():
+        if isinstance(module, Gemma4TextScaledWordEmbedding):
+            module.embed_scale = torch.tensor(module.scalar_embed_scale)
+    model.tie_weights()
+    left = [name for name, t in [*text.named_parameters(), *text.named_buffers(), *model.lm_head.named_parameters()]
+            if t.is_meta]
+    if left:
+        raise RuntimeError(f"text model: {', '.join(left)} not loaded")
     return model.eval()

@@ -15,7 +15,7 @@ from gemma4_onnx.cli import main
 from gemma4_onnx.errors import CheckpointError, ConfigError
 from gemma4_onnx.exporter.checkpoint import Checkpoint
 from gemma4_onnx.exporter.init_checkpoint import init_checkpoint
-from gemma4_onnx.exporter.reference import load_reference_model
+from gemma4_onnx.exporter.reference import load_reference_model, load_reference_text_model
 from gemma4_onnx.exporter.variants import TINY
 
 from support import TRAINED_FIXTURES, trained_fixture
@@ -44,6 +44,16 @@ def test_our_loader_equals_transformers_from_pretrained(tiny_checkpoint) -> None
                                                             attn_implementation="eager").eval()
     ids = torch.tensor([[2, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]])
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["tiny-e2b", "tiny-26b-a4b"])
+def test_lean_text_loader_equals_the_full_loader(variant: str, tiny_checkpoint) -> None:
+    checkpoint = Checkpoint.open(tiny_checkpoint(variant))
+    full, text = load_reference_model(checkpoint), load_reference_text_model(checkpoint, torch.float32)
+    assert all(p.is_meta for p in text.model.vision_tower.parameters())  # the towers are never read
+    ids = torch.tensor([[2, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]])
+    with torch.no_grad():
+        torch.testing.assert_close(text(input_ids=ids).logits, full(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_init_checkpoint_is_deterministic_and_seeded(tmp_path: Path) -> None:
