@@ -36,7 +36,7 @@ def load_reference_text_model(checkpoint: Checkpoint,
     text.rotary_emb = Gemma4TextRotaryEmbedding(text.config)  # computed buffers: not in a checkpoint
     for module in text.modules():
         if isinstance(module, Gemma4TextScaledWordEmbedding):
-            module.embed_scale = torch.tensor(module.scalar_embed_scale)
+            module.embed_scale = torch.nn.Buffer(torch.tensor(module.scalar_embed_scale), persistent=False)
     model.tie_weights()
     left = [name for name, t in [*text.named_parameters(), *text.named_buffers(), *model.lm_head.named_parameters()]
             if t.is_meta]
