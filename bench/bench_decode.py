@@ -77,6 +77,13 @@ class EagerRunner:
         opened = Checkpoint.open(str(checkpoint))
         self.model = load_reference_text_model(opened) if lean else load_reference_model(opened)
 
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of the text model's weights a decoded token reads: all but the PLE table, whose rows are
+        gathered; the tied embedding counted once, as the LM head reads it whole."""
+        text = self.model.model.language_model
+        return sum(p.numel() * p.element_size() for name, p in text.named_parameters()
+                   if not name.startswith("embed_tokens_per_layer."))
+
     def prefill(self, ids: list[int]) -> Any:
         import torch
         from transformers import DynamicCache

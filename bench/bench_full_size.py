@@ -7,7 +7,7 @@ Each step runs as its own process, measured with ``os.wait4`` (peak RSS of that 
 the built-in int4 recipe (GPTQ) in one streaming pass from a bf16 checkpoint directory
 (``export --recipe``, goals ≤ 20 min and ≤ 4 GiB); then the float export, an int4 round-to-nearest
 recipe written here on it, and the mobile package from that; decode ms/token and prefill tokens/s at 128
-and 1024 tokens of the fp32, int8 and int4 packages (interleaved) against the bandwidth roofline, then
+and 1024 tokens of the fp32 (alone), int8 and int4 (round-robin) packages against the bandwidth roofline, then
 transformers eager on the same prompts (the text model in bf16, loaded lean). Everything is written under
 a temporary directory that is removed at the end. ``--quick`` runs the same steps on tiny-e2b.
 """
@@ -66,6 +66,7 @@ STREAMED = f"export --recipe int4 --calibration-tokens {CALIBRATION_TOKENS} (one
 STREAMED_GOAL_SECONDS = 20 * 60
 STREAMED_GOAL_RSS = 4 << 30
 EAGER = "transformers eager (bf16)"
+RUNNER_GROUPS = (("fp32",), ("int8-rtn", "int4-rtn"))  # each measured round-robin within its group
 EAGER_GOAL = 5.0  # int4 decode ≥ 5× transformers eager
 
 
@@ -104,7 +105,9 @@ def package_sizes(package: Path) -> dict[str, int]:
 
 def section(quick: bool) -> Section:
     variant = "tiny-e2b" if quick else "e2b"
-    root = Path(tempfile.mkdtemp(prefix="gemma4-bench-", dir=os.environ.get("GEMMA4_BENCH_TMP")))
+    root = Path(os.environ.get("GEMMA4_BENCH_TMP") or tempfile.gettempdir()) / "gemma4-bench-full-size"
+    shutil.rmtree(root, ignore_errors=True)  # left by a run that was killed (40 GB at full size)
+    root.mkdir(parents=True)
     try:
         fp32, int8, int4, mobile = root / "fp32", root / "int8-rtn", root / "int4-rtn", root / "mobile"
         checkpoint, streamed = root / "checkpoint-bf16", root / "int4-streamed"
@@ -137,12 +140,17 @@ def section(quick: bool) -> Section:
         weights = {name: weight_bytes_per_token(package) for name, package in packages.items()}
         contexts = (16, 64) if quick else CONTEXTS
         tokens = [int(t) for t in np.random.default_rng(0).integers(10, 200, size=max(contexts))]
-        speeds = measure_runners({name: OnnxRunner(package) for name, package in packages.items()}, tokens,
-                                 contexts, 2 if quick else 3)
+        speeds: dict[Any, Any] = {}
+        for group in RUNNER_GROUPS:  # one group's sessions open at a time: all three at once exceed 24 GB
+            speeds |= measure_runners({name: OnnxRunner(packages[name]) for name in group}, tokens, contexts,
+                                      2 if quick else 3)
         for package in packages.values():
             shutil.rmtree(package)
         # after the packages are closed: the bf16 text model takes 10 GB of RAM
-        speeds |= measure_runners({EAGER: EagerRunner(checkpoint, lean=True)}, tokens, contexts, 2 if quick else 3)
+        eager_runner = EagerRunner(checkpoint, lean=True)
+        weights[EAGER] = eager_runner.weight_bytes_per_token()
+        speeds |= measure_runners({EAGER: eager_runner}, tokens, contexts, 2 if quick else 3)
+        del eager_runner
         shutil.rmtree(checkpoint)
         rss = mobile_rss.measure(mobile, steps=8 if quick else 128)
     finally:
@@ -177,7 +185,9 @@ def section(quick: bool) -> Section:
         f"{'met' if deep_peak <= 1.1 * shallow_peak else 'not met'}).")
     bandwidth = section.figure("read bandwidth", "GB/s", read_bandwidth_gbs())
     section.findings.append(
-        f"Decode and prefill through plain onnxruntime sessions (runs interleaved, medians); read bandwidth "
+        f"Decode and prefill through plain onnxruntime sessions, medians; fp32 measured alone, int8 and int4 "
+        f"round-robin (the three packages' sessions together, with their 1024-token prefill arenas, do not fit "
+        f"in 24 GB); read bandwidth "
         f"{bandwidth.median:.1f} GB/s; roofline = weights read per token (decoder files, PLE rows excluded) / "
         f"bandwidth. {EAGER}: the text model alone in the checkpoint's bf16 (this CPU has AVX512-BF16), "
         f"measured after the packages are closed (fp32 would be 19 GB in torch on a 24 GB machine), same "
@@ -193,9 +203,11 @@ def section(quick: bool) -> Section:
             goal = f" (goal ≥ {EAGER_GOAL:.0f}×: {'met' if ratio.value >= EAGER_GOAL else 'not met'})" \
                 if name == "int4-rtn" else ""
             versus.append(f"{name} {ratio.value:.1f}×{goal}")
+        eager_roofline_ms = weights[EAGER] / (bandwidth.median * 1e9) * 1e3
         section.findings.append(
             f"{EAGER} @{context}: prefill {context / eager_prefill.median * 1e3:.0f} tokens/s, decode "
-            f"{eager.median:.0f} ms/token; decode speed against it: {', '.join(versus)}.")
+            f"{eager.median:.0f} ms/token, reading {weights[EAGER] / 1e9:.2f} GB of weights per token "
+            f"= {eager_roofline_ms / eager.median:.0%} of its roofline; decode speed against it: {', '.join(versus)}.")
     for (name, context), measured in speeds.items():
         if name == EAGER:
             continue

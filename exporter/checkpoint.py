@@ -24,6 +24,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 # ClippableLinear bounds are ±inf when a layer does not clip; every other tensor must be finite.
+READ_CHUNK_BYTES = 1 << 30  # one pread returns at most ~2 GiB on Linux: E2B's PLE table is 4.7 GB in bf16
 INFINITE_ALLOWED = ("input_min", "input_max", "output_min", "output_max")
 
 
@@ -107,9 +108,13 @@ class Checkpoint:
         dtype = DTYPES[entry.dtype]
         row_bytes = math.prod(entry.shape[1:]) * dtype.itemsize
         rows = stop - start if entry.shape else 1
-        data = bytearray(os.pread(self._files[entry.file].fileno(), rows * row_bytes, entry.begin + start * row_bytes))
-        if len(data) != rows * row_bytes:
-            raise CheckpointError(f"{entry.file.name}: truncated while reading tensor {entry.name}")
+        data = bytearray(rows * row_bytes)
+        view, offset, done = memoryview(data), entry.begin + start * row_bytes, 0
+        while done < len(data):
+            read = os.preadv(self._files[entry.file].fileno(), [view[done:done + READ_CHUNK_BYTES]], offset + done)
+            if read == 0:
+                raise CheckpointError(f"{entry.file.name}: truncated while reading tensor {entry.name}")
+            done += read
         value = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return value.reshape(rows, *entry.shape[1:]) if entry.shape else value.reshape(())
 

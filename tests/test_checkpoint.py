@@ -56,6 +56,17 @@ def test_lean_text_loader_equals_the_full_loader(variant: str, tiny_checkpoint) 
         torch.testing.assert_close(text(input_ids=ids).logits, full(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_tensors_larger_than_one_read_come_whole(tiny_checkpoint, monkeypatch) -> None:
+    import gemma4_onnx.exporter.checkpoint as checkpoint_module
+
+    name = "model.language_model.embed_tokens_per_layer.weight"  # E2B's largest tensor (4.7 GB at full size)
+    whole = Checkpoint.open(tiny_checkpoint("tiny-e2b")).tensor(name)
+    monkeypatch.setattr(checkpoint_module, "READ_CHUNK_BYTES", 1000)  # as a >2 GiB tensor meets pread's limit
+    chunked = Checkpoint.open(tiny_checkpoint("tiny-e2b")).tensor(name)
+    assert whole.numel() * whole.element_size() > 10_000
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+
+
 def test_init_checkpoint_is_deterministic_and_seeded(tmp_path: Path) -> None:
     a = init_checkpoint("tiny-31b", tmp_path / "a", seed=3, max_shard_bytes=200_000)
     b = init_checkpoint("tiny-31b", tmp_path / "b", seed=3, max_shard_bytes=200_000)
