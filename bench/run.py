@@ -12,6 +12,8 @@ speed, memory, sizes): write ``bench/bench_<name>.py`` with ``section()`` and ad
 Each finished section is saved to results.partial.json at once: a run that was interrupted (the full
 suite exports 31B, hours on two cores) is resumed by running it again on the same code and kind of
 machine, and says which sections it kept and when they were measured; ``--fresh`` measures everything.
+``--only`` measures some sections and keeps the others' earlier results: results.json then lists the
+sections not measured yet under "missing", and results.partial.json stays until the suite is whole.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *([f"Resumed: {', '.join(f'{name} (measured {_measured(results, name)})' for name in resumed)}, "
            "kept from earlier, interrupted runs of the same code on this kind of machine.", ""] if resumed else []),
+        *([f"Not measured yet: {', '.join(results['missing'])} (`bench/run.py --only` ran a part of the suite, "
+           "or they failed); run `make bench` again to measure them.", ""] if results.get("missing") else []),
         f"Machine: {info['cpu']}, {info['usable_cpus']} usable CPUs, {info['memory_gib']} GiB, {info['platform']}, "
         f"Python {info['python']}.",
         "",
@@ -123,7 +127,7 @@ def _measured(results: dict[str, Any], name: str) -> str:
     return f"{measured.get('started', '?')} at {(measured.get('commit') or {}).get('commit', '?')[:10]}"
 
 
-def resumable(partial: Path, results: dict[str, Any], chosen: list[str]) -> dict[str, Any]:
+def resumable(partial: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Sections an interrupted run finished, to keep when it measured the same code (tree unmodified), in the
     same mode, on the same kind of machine: the full suite runs for hours, and like an export it goes on from
     where it stopped, in a later session too (the partial file can be committed, since the code hash leaves
@@ -138,7 +142,7 @@ def resumable(partial: Path, results: dict[str, Any], chosen: list[str]) -> dict
     if earlier.get("quick") != results["quick"] or (earlier["machine"].get("git") or {}).get("code") != git["code"] \
             or _identity(earlier["machine"]) != _identity(results["machine"]):
         return {}
-    return {name: entry for name, entry in earlier["sections"].items() if name in chosen and "markdown" in entry}
+    return {name: entry for name, entry in earlier["sections"].items() if name in SECTIONS and "markdown" in entry}
 
 
 def _identity(info: dict[str, Any]) -> tuple[Any, ...]:
@@ -175,14 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "results.partial.json"
-    kept = {} if args.fresh else resumable(partial, results, chosen)
+    kept = {} if args.fresh else resumable(partial, results)
     if kept:
         results["resumed"] = list(kept)
-        print(f"resuming: {', '.join(kept)} finished by an interrupted run of this code", flush=True)
+        print(f"resuming: {', '.join(kept)} finished by an earlier run of this code", flush=True)
     failed = False
-    for name in chosen:
+    for name in SECTIONS:
         if name in kept:
             results["sections"][name] = kept[name]
+            continue
+        if name not in chosen:
             continue
         print(f"== {name}", flush=True)
         section_start = time.monotonic()
@@ -199,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         partial.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         _release_memory()
     results["seconds"] = sum(entry.get("seconds", 0.0) for entry in results["sections"].values())
+    results["missing"] = [name for name in SECTIONS if "markdown" not in results["sections"].get(name, {})]
     (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     report = markdown(results)
     (args.out / "results.md").write_text(report)
-    partial.unlink(missing_ok=True)
+    if not results["missing"]:  # the suite is whole: nothing left to resume
+        partial.unlink(missing_ok=True)
     print()
     print(report)
     print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
