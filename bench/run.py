@@ -108,7 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
         + (" · QUICK (small shapes, not a measurement)" if results["quick"] else ""),
         "",
         *([f"Resumed: {', '.join(f'{name} (measured {_measured(results, name)})' for name in resumed)}, "
-           "kept from earlier, interrupted runs of the same code on this kind of machine.", ""] if resumed else []),
+           "kept from earlier runs of the same code on this kind of machine.", ""] if resumed else []),
         *([f"Not measured yet: {', '.join(results['missing'])} (`bench/run.py --only` ran a part of the suite, "
            "or they failed); run `make bench` again to measure them.", ""] if results.get("missing") else []),
         f"Machine: {info['cpu']}, {info['usable_cpus']} usable CPUs, {info['memory_gib']} GiB, {info['platform']}, "
