@@ -54,6 +54,7 @@ lint: $(STAMP) ## ruff and mypy
 	ln -s $(CURDIR)/gemma4_onnx/*.py $(TYPECHECK)/
 	for p in exporter graphs quantize runtime mobile; do ln -s $(CURDIR)/$$p $(TYPECHECK)/$$p; done
 	$(BIN)/mypy $(TYPECHECK)
+	MYPYPATH=bench $(BIN)/mypy bench  # bench modules import each other by file name
 
 demo: $(STAMP) ## tiny-e2b end to end: checkpoint → export → int4 → parity → tokens
 	$(BIN)/python -m gemma4_onnx.demo build/demo

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from bench_decode import OnnxRunner, read_bandwidth_gbs
+from bench_decode import OnnxRunner, decode_call, read_bandwidth_gbs
 from bench_full_size import RTN_RECIPE, run_measured
 from measure import Section, interleaved_ms
 from variant_cli import shallow, variant_cli
@@ -75,9 +75,9 @@ def gemma3_checkpoint(directory: Path, layers: int, quick: bool) -> Path:
         num_hidden_layers=layers, num_attention_heads=text["num_attention_heads"],
         num_key_value_heads=text["num_key_value_heads"], head_dim=text["head_dim"],
         sliding_window=text["sliding_window"], layer_types=text["layer_types"][:layers],
-        max_position_embeddings=4096, torch_dtype="bfloat16")
+        max_position_embeddings=4096, dtype="bfloat16")
     torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model = Gemma3ForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' decorated .to
     model.save_pretrained(directory)
     return directory
 
@@ -144,12 +144,13 @@ def section(quick: bool) -> Section:
             run_measured([*variant_cli(base, "e2b-dense", dense, NO_MEDIA), "export",
                           "e2b-dense", str(ours[target]), "--recipe", str(recipe), "--target", target, "--quiet"])
         window = json.loads((checkpoint / "config.json").read_text())["sliding_window"]
-        runners = {"builder int4": GenaiRunner(builder, window), "ours int4 portable": OnnxRunner(ours["portable"]),
-                   "ours int4 ort": OnnxRunner(ours["ort"])}
+        runners: dict[str, Any] = {"builder int4": GenaiRunner(builder, window),
+                                   "ours int4 portable": OnnxRunner(ours["portable"]),
+                                   "ours int4 ort": OnnxRunner(ours["ort"])}
         prompt = list(range(10, 10 + (16 if quick else CONTEXT)))
         caches = {name: runner.prefill(prompt) for name, runner in runners.items()}
-        samples = interleaved_ms({name: (lambda i, r=runner, c=caches[name]: r.step(c, 7 + i % 5))
-                                  for name, runner in runners.items()}, 4 if quick else DECODE_STEPS, 2)
+        samples = interleaved_ms({name: decode_call(runner, caches[name]) for name, runner in runners.items()},
+                                 4 if quick else DECODE_STEPS, 2)
         weight_bytes = {"builder int4": matmul_weight_bytes(builder / "model.onnx"),
                         "ours int4 portable": matmul_weight_bytes(ours["portable"] / "decoder.onnx"),
                         "ours int4 ort": matmul_weight_bytes(ours["ort"] / "decoder.onnx")}

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,18 +105,22 @@ def _prefill(runner: Any, prompt: list[int]) -> Any:
     return lambda _: runner.prefill(prompt)
 
 
-def _decode(runner: Any, cache: Any) -> Any:
+def decode_call(runner: Any, cache: Any) -> Callable[[int], Any]:
+    """One decode step after ``cache`` per call, the token varied by the round number."""
     return lambda round_index: runner.step(cache, 7 + round_index % 5)
 
 
-def measure_runners(runners: dict[str, Any], ids: list[int], contexts: tuple[int, ...], runs: int) -> dict[str, Any]:
+Speeds = dict[tuple[str, int], dict[str, list[float]]]  # (runner, context) → prefill_ms / decode_ms samples
+
+
+def measure_runners(runners: dict[str, Any], ids: list[int], contexts: tuple[int, ...], runs: int) -> Speeds:
     """Per runner and context: prefill ms (whole prompt) and decode ms/token after that prompt."""
-    out: dict[str, Any] = {}
+    out: Speeds = {}
     for context in contexts:
         prompt = ids[:context]
         prefill = interleaved_ms({name: _prefill(r, prompt) for name, r in runners.items()}, runs, 1)
         caches = {name: r.prefill(prompt) for name, r in runners.items()}
-        steps = interleaved_ms({name: _decode(r, caches[name]) for name, r in runners.items()},
+        steps = interleaved_ms({name: decode_call(r, caches[name]) for name, r in runners.items()},
                                DECODE_STEPS if runs > 2 else 4, 2)
         for name in runners:
             out[(name, context)] = {"prefill_ms": prefill[name], "decode_ms": steps[name]}

@@ -3,7 +3,7 @@ file), then resident memory while generating 128 tokens from the mobile package 
 memory-mapped vs the table read into RAM (``mobile_rss``).
 
 Random weights of the real E2B geometry (``export e2b``: 2.35 B-value PLE table, 9.4 GB in fp32).
-Each step runs as its own process, measured with ``os.wait4`` (peak RSS of that process alone). First
+Each step runs as its own process, measured by ``measured_run.py`` (peak RSS of that process alone). First
 the built-in int4 recipe (GPTQ) in one streaming pass from a bf16 checkpoint directory
 (``export --recipe``, goals ≤ 20 min and ≤ 4 GiB); then the float export, an int4 round-to-nearest
 recipe written here on it, and the mobile package from that; decode ms/token and prefill tokens/s at 128
@@ -14,6 +14,7 @@ a temporary directory that is removed at the end. ``--quick`` runs the same step
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,11 +22,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import mobile_rss
 import numpy as np
-from bench_decode import CONTEXTS, EagerRunner, OnnxRunner, measure_runners, read_bandwidth_gbs, weight_bytes_per_token
+from bench_decode import (
+    CONTEXTS,
+    EagerRunner,
+    OnnxRunner,
+    Speeds,
+    measure_runners,
+    read_bandwidth_gbs,
+    weight_bytes_per_token,
+)
 from measure import Section
 from variant_cli import shallow as shallow_text
 from variant_cli import variant_cli
@@ -60,6 +68,7 @@ optional = true
 bits = "float"
 """
 CLI = [sys.executable, "-m", "gemma4_onnx.cli"]
+MEASURED_RUN = Path(__file__).resolve().parent / "measured_run.py"
 SHALLOW_LAYERS = 8
 CALIBRATION_TOKENS = 4096  # the default (16384) spends 4× the calibration time; this is what the goals are held to
 STREAMED = f"export --recipe int4 --calibration-tokens {CALIBRATION_TOKENS} (one pass)"
@@ -79,24 +88,26 @@ class Interrupted(KeyboardInterrupt):
 
 
 def run_measured(arguments: list[str]) -> dict[str, float]:
-    """Wall seconds and peak RSS (bytes) of one command, as its own process. Interrupted, the command is
-    stopped too (an export keeps what it can resume from) and ``Interrupted`` carries its figures so far."""
+    """Wall seconds and peak RSS (bytes) of one command, as its own process (``measured_run.py``: forked from
+    a small process, so the figure is the command's, not this one's). Interrupted, the command is stopped
+    too (an export keeps what it can resume from) and ``Interrupted`` carries its figures so far."""
     start = time.monotonic()
-    process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _, status, usage = os.wait4(process.pid, 0)
-    except KeyboardInterrupt:
-        process.terminate()
-        _, status, usage = os.wait4(process.pid, 0)
-        raise Interrupted(_figures(start, usage)) from None
-    if os.waitstatus_to_exitcode(status) != 0:
-        error = process.stderr.read().decode()[-2000:] if process.stderr else ""
-        raise RuntimeError(f"{' '.join(arguments)} failed: {error}")
-    return _figures(start, usage)
-
-
-def _figures(start: float, usage: Any) -> dict[str, float]:
-    return {"seconds": time.monotonic() - start, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    with tempfile.TemporaryDirectory(prefix="gemma4-bench-measured-") as folder:
+        report = Path(folder) / "figures.json"
+        process = subprocess.Popen([sys.executable, str(MEASURED_RUN), str(report), *arguments],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, error = process.communicate()
+        except KeyboardInterrupt:
+            process.terminate()
+            process.wait()
+            spent = json.loads(report.read_text()) if report.exists() else {  # stopped before it could report
+                "seconds": time.monotonic() - start, "peak_rss_bytes": 0}
+            raise Interrupted(spent) from None
+        if process.returncode != 0 or not report.exists():
+            raise RuntimeError(f"{' '.join(arguments)} failed: {error.decode()[-2000:]}")
+        figures: dict[str, float] = json.loads(report.read_text())
+    return figures
 
 
 def package_sizes(package: Path) -> dict[str, int]:
@@ -140,7 +151,7 @@ def section(quick: bool) -> Section:
         weights = {name: weight_bytes_per_token(package) for name, package in packages.items()}
         contexts = (16, 64) if quick else CONTEXTS
         tokens = [int(t) for t in np.random.default_rng(0).integers(10, 200, size=max(contexts))]
-        speeds: dict[Any, Any] = {}
+        speeds: Speeds = {}
         for group in RUNNER_GROUPS:  # one group's sessions open at a time: all three at once exceed 24 GB
             speeds |= measure_runners({name: OnnxRunner(packages[name]) for name in group}, tokens, contexts,
                                       2 if quick else 3)
