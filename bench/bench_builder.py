@@ -29,10 +29,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnx
 from bench_decode import OnnxRunner, decode_call, read_bandwidth_gbs
 from bench_full_size import RTN_RECIPE, run_measured
 from measure import Section, interleaved_ms
+from op_profile import (
+    OpProfile,
+    decode_op_profile,
+    matmul_nbits,
+    matmul_nbits_finding,
+    matmul_weight_bytes,
+    profile_from_files,
+)
 from variant_cli import shallow, variant_cli
 
 LAYERS = 8
@@ -104,22 +111,36 @@ class GenaiRunner:
         generator.generate_next_token()
 
 
-def _matmul_nbits(model: Path) -> list[dict[str, Any]]:
-    """The attributes of each MatMulNBits node of the graph."""
-    return [{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            for node in onnx.load(model, load_external_data=False).graph.node if node.op_type == "MatMulNBits"]
+def builder_op_profile(folder: Path, prompt: list[int], steps: int, capacity: int) -> OpProfile:
+    """The builder's graph profiled through a plain onnxruntime session, as ``decode_op_profile`` profiles ours:
+    its attention keeps fixed ``capacity``-token caches (onnxruntime-genai's shared past/present buffers)."""
+    import numpy as np
+    import onnxruntime as ort
 
-
-def matmul_weight_bytes(model: Path) -> int:
-    """Bytes the graph's MatMulNBits weights take at run time: packed codes and fp32 scales (per token, each
-    is read once)."""
-    return sum(a["N"] * a["K"] * a["bits"] // 8 + a["N"] * -(-a["K"] // a["block_size"]) * 4
-               for a in _matmul_nbits(model))
+    with tempfile.TemporaryDirectory(prefix="gemma4-profile-") as directory:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(directory) / "builder-")
+        session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        cache = {i.name: np.zeros((1, config["num_key_value_heads"], capacity, config["head_size"]), np.float32)
+                 for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+        names = [o.name for o in session.get_outputs()]
+        length = 0
+        for step in range(steps + 1):
+            ids = np.array([prompt] if step == 0 else [[7 + step % 5]])
+            length += ids.shape[1]
+            outputs = session.run(names, {"input_ids": ids, "attention_mask": np.ones((1, length), np.int64), **cache})
+            cache = {name.replace("present.", "past_key_values."): value
+                     for name, value in zip(names, outputs, strict=True) if name.startswith("present.")}
+        files = [session.end_profiling()]
+        del session
+        return profile_from_files(files, steps)
 
 
 def _int4_settings(model: Path) -> str:
     settings = {f"bits {a.get('bits')}, block {a.get('block_size')}, accuracy_level {a.get('accuracy_level', 0)}"
-                for a in _matmul_nbits(model)}
+                for a in matmul_nbits(model)}
     return "; ".join(sorted(settings)) or "no MatMulNBits"
 
 
@@ -155,6 +176,10 @@ def section(quick: bool) -> Section:
                         "ours int4 portable": matmul_weight_bytes(ours["portable"] / "decoder.onnx"),
                         "ours int4 ort": matmul_weight_bytes(ours["ort"] / "decoder.onnx")}
         bandwidth = read_bandwidth_gbs()
+        del runners, caches
+        steps = 4 if quick else DECODE_STEPS
+        profiles = {"builder int4": builder_op_profile(builder, prompt, steps, max(window, len(prompt) + steps + 1)),
+                    "ours int4 ort": decode_op_profile(ours["ort"], prompt, steps)}
         builder_settings = _int4_settings(builder / "model.onnx")
         our_settings = _int4_settings(ours["portable"] / "blocks" / "layer_00.onnx")
         builder_config = json.loads((builder / "genai_config.json").read_text())["model"]["type"]
@@ -191,5 +216,14 @@ def section(quick: bool) -> Section:
                                                                           in shares.items())
         + f" of the roofline: on equal bytes, {GOAL}× the builder would need "
         f"{GOAL * shares['builder int4']:.0%} of it.")
-    section.extra = {"weight_bytes_per_token": weight_bytes}
+    section.findings += [matmul_nbits_finding(name, profile, weight_bytes[name], read.median)
+                         for name, profile in profiles.items()]
+    matmul = {name: profile.kernel_ms.get("MatMulNBits", 0.0) for name, profile in profiles.items()}
+    rest = {name: profile.kernel_total_ms - matmul[name] for name, profile in profiles.items()}
+    section.findings.append(
+        f"Per token, MatMulNBits: builder {matmul['builder int4']:.1f} ms, ours {matmul['ours int4 ort']:.1f} ms; "
+        f"every other kernel: builder {rest['builder int4']:.1f} ms, ours {rest['ours int4 ort']:.1f} ms (profiled "
+        "through plain onnxruntime sessions, the builder's with onnxruntime-genai's fixed-size caches).")
+    section.extra = {"weight_bytes_per_token": weight_bytes,
+                     "decode_profiles": {name: profile.to_json() for name, profile in profiles.items()}}
     return section

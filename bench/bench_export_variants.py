@@ -44,7 +44,11 @@ def section(variant: str) -> Callable[[bool], Section]:
     return measure
 
 
-SECTIONS = {f"export_{variant.replace('-', '_')}": section(variant) for variant in VARIANTS}
+def section_name(variant: str) -> str:
+    return f"export_{variant.replace('-', '_')}"
+
+
+SECTIONS = {section_name(variant): section(variant) for variant in VARIANTS}
 
 
 def _state(root: Path, quick: bool) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def _save(root: Path, state: dict[str, Any]) -> None:
 def _section(variant: str, state: dict[str, Any], quick: bool) -> Section:
     from_checkpoint, goal_seconds, goal_rss = VARIANTS[variant]
     source = "bf16 checkpoint" if from_checkpoint else "random weights"
-    section = Section(f"export_{variant.replace('-', '_')}",
+    section = Section(section_name(variant),
                       f"One-pass int4 export of {variant.upper()} ({source}, real geometry)",
                       {"recipe": "int4", "calibration tokens": CALIBRATION_TOKENS, "cpus": len(os.sched_getaffinity(0)),
                        "variant": f"tiny-{variant}" if quick else f"{variant} (full size)"})
@@ -102,7 +106,7 @@ def _section(variant: str, state: dict[str, Any], quick: bool) -> Section:
     met = peak <= goal_rss and (goal_seconds is None or seconds <= goal_seconds)
     goal = (f"≤ {goal_seconds // 60} min, " if goal_seconds else "") + f"≤ {goal_rss // GIB} GiB"
     total, ple = sum(sizes.values()), sizes.get("ple.data", 0)
-    section.rows.append([variant, source if from_checkpoint else "random (variant name)",
+    section.rows.append([variant, source,
                          str(len(runs)) + (" (resumed)" if len(runs) > 1 else ""),
                          f"{seconds / 60:.1f} min", f"{peak / GIB:.2f} GiB", f"{total / GIB:.2f} GiB",
                          f"{ple / GIB:.2f} GiB" if ple else "—", f"{goal}: {'met' if met else 'not met'}"])

@@ -35,6 +35,7 @@ from bench_decode import (
     weight_bytes_per_token,
 )
 from measure import Section
+from op_profile import decode_op_profile, matmul_nbits_finding, matmul_weight_bytes
 from variant_cli import shallow as shallow_text
 from variant_cli import variant_cli
 
@@ -77,6 +78,8 @@ STREAMED_GOAL_RSS = 4 << 30
 EAGER = "transformers eager (bf16)"
 RUNNER_GROUPS = (("fp32",), ("int8-rtn", "int4-rtn"))  # each measured round-robin within its group
 EAGER_GOAL = 5.0  # int4 decode ≥ 5× transformers eager
+PROFILED = ("int4-rtn", "int8-rtn")  # decode profiled per op type at the shorter context, after the timings
+PROFILE_STEPS = 4
 
 
 class Interrupted(KeyboardInterrupt):
@@ -155,6 +158,9 @@ def section(quick: bool) -> Section:
         for group in RUNNER_GROUPS:  # one group's sessions open at a time: all three at once exceed 24 GB
             speeds |= measure_runners({name: OnnxRunner(packages[name]) for name in group}, tokens, contexts,
                                       2 if quick else 3)
+        profiles = {name: decode_op_profile(packages[name], tokens[:contexts[0]], PROFILE_STEPS)
+                    for name in PROFILED}
+        matmul_bytes = {name: matmul_weight_bytes(packages[name] / "decoder.onnx") for name in PROFILED}
         for package in packages.values():
             shutil.rmtree(package)
         # after the packages are closed: the bf16 text model takes 10 GB of RAM
@@ -231,6 +237,14 @@ def section(quick: bool) -> Section:
             f"{name} @{context}: prefill {context / prefill.median * 1e3:.0f} tokens/s, decode "
             f"{decode.median:.1f} ms/token; weights read per token {weights[name] / 1e9:.2f} GB → roofline "
             f"{roofline_ms:.1f} ms/token, measured = {share:.0%} of it{goal}.")
+    section.findings += [matmul_nbits_finding(f"{name} decode @{contexts[0]}", profiles[name], matmul_bytes[name],
+                                              bandwidth.median) for name in PROFILED]
+    eager_share = weights[EAGER] / (bandwidth.median * 1e9) / (decodes[EAGER, contexts[0]].median * 1e-3)
+    fewer = weights[EAGER] / weights["int4-rtn"]
+    section.findings.append(
+        f"int4-rtn reads {fewer:.1f}× fewer weight bytes per token than {EAGER}, which decodes at {eager_share:.0%} "
+        f"of the read bandwidth @{contexts[0]}: {EAGER_GOAL:.0f}× its speed needs int4 decode at "
+        f"{EAGER_GOAL / fewer * eager_share:.0%} of the bandwidth.")
     mapped, in_ram = rss["mapped"], rss["in_ram"]
     total = {kind: sum(files.values()) / gib for kind, files in sizes.items()}
     ple = {kind: files.get("ple.data", 0) / gib for kind, files in sizes.items()}
@@ -248,5 +262,6 @@ def section(quick: bool) -> Section:
         f"PLE file {rss['ple_file_bytes'] / mib:.0f} MiB, graphs {graphs:.0f} MiB, "
         f"caches {mapped['cache_bytes'] / mib:.1f} MiB.",
     ]
-    section.extra = {"sizes": sizes, "mobile_rss": rss}
+    section.extra = {"sizes": sizes, "mobile_rss": rss,
+                     "decode_profiles": {name: profile.to_json() for name, profile in profiles.items()}}
     return section

@@ -17,10 +17,14 @@ from gemma4_onnx.graphs.manifest import IMAGE_BLOCKS, read_manifest
 from gemma4_onnx.runtime.package_files import check_package
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, profile_prefix: str | None = None) -> ort.SessionOptions:
+    """``profile_prefix``: write onnxruntime's per-node profile (JSON) to files starting with it."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.log_severity_level = 3
     return options
 
@@ -34,21 +38,26 @@ class Cache:
 
 
 class TextModel:
-    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+    def __init__(self, directory: str | Path, threads: int | None = None, profile_prefix: str | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         check_files_present(self.directory, self.manifest)
-        options = session_options(threads)
         providers = ["CPUExecutionProvider"]
-        self.embed = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["embed"]["file"]), options,
+        self.embed = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["embed"]["file"]),
+                                          session_options(threads, profile_prefix and profile_prefix + "embed"),
                                           providers=providers)
         self.decoder = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["decoder"]["file"]),
-                                            options, providers=providers)
+                                            session_options(threads, profile_prefix and profile_prefix + "decoder"),
+                                            providers=providers)
         self.cache_layout: list[dict[str, Any]] = self.manifest["cache"]
         self.vocab_size = int(self.manifest["text_config"]["vocab_size"])
         self.eos_ids = _as_list(self.manifest["text_config"].get("eos_token_id"))
         # 26B-A4B/31B: image tokens attend bidirectionally within their image on sliding layers
         self.takes_image_blocks = IMAGE_BLOCKS in {i.name for i in self.decoder.get_overridable_initializers()}
+
+    def end_profiling(self) -> list[str]:
+        """Stop profiling (``profile_prefix``) and return the profile files written, embed's then decoder's."""
+        return [self.embed.end_profiling(), self.decoder.end_profiling()]
 
     def empty_cache(self, batch: int) -> Cache:
         tensors = {}
