@@ -3,6 +3,7 @@ and zero points per block of K, by onnxruntime's own kernels and quantizers (rou
 k-quant) or by GPTQ with the layer's input statistics."""
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
@@ -11,6 +12,9 @@ from gemma4_onnx.errors import NotBuiltYet, UsageError
 from gemma4_onnx.quantize.gptq import gptq
 from gemma4_onnx.quantize.plan import LINEAR_KINDS, Entry
 from gemma4_onnx.quantize.recipe import Decision
+
+if TYPE_CHECKING:
+    import torch
 
 
 def blockwise(weight: np.ndarray, decision: Decision,
@@ -77,21 +81,36 @@ def _k_quant(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.nda
 
 
 def _rtn_small_blocks(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round-to-nearest for blocks below onnxruntime's minimum of 16 (the PLE slices of test variants)."""
+    """Round-to-nearest for blocks below onnxruntime's minimum of 16 (the PLE slices of test variants), by
+    the kernel's own rule (``rounded_to_nearest``)."""
+    import torch
+
     assert decision.bits is not None
     n, k = weight.shape
-    top = (1 << decision.bits) - 1
-    blocks = weight.reshape(n, -1, decision.block_size).astype(np.float64)
-    if decision.symmetric:
-        zeros = np.full(blocks.shape[:2], (top + 1) // 2, dtype=np.float64)
-        scales = np.abs(blocks).max(-1) / ((top + 1) // 2)
+    blocks = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).reshape(n, -1, decision.block_size)
+    codes, scales, zeros = rounded_to_nearest(blocks, decision.bits, decision.symmetric)
+    return pack(codes.reshape(n, k).numpy(), scales[..., 0].numpy(), zeros[..., 0].numpy(), decision)
+
+
+def rounded_to_nearest(blocks: "torch.Tensor", bits: int,
+                       symmetric: bool) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """Blocks [..., block] → codes (float, same shape), scales and zero points [..., 1], as onnxruntime's
+    blockwise kernels round: asymmetric ranges include 0 and their zero point is rounded; symmetric ones put
+    the value of largest magnitude on code 0, with the zero point at the midpoint. Rounding is the kernel's
+    roundf, half away from zero."""
+    import torch
+
+    top = (1 << bits) - 1
+    if symmetric:
+        extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+        scale, zero = extreme / -((top + 1) // 2), torch.full_like(extreme, (top + 1) // 2)
     else:
-        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-        scales = (high - low) / top
-        zeros = np.round(-low / np.where(scales == 0, 1, scales))
-    safe = np.where(scales == 0, 1, scales)
-    codes = np.clip(np.round(blocks / safe[..., None] + zeros[..., None]), 0, top)
-    return pack(codes.reshape(n, k), scales, zeros, decision)
+        low = blocks.amin(-1, keepdim=True).clamp_(max=0)
+        scale = (blocks.amax(-1, keepdim=True).clamp_(min=0) - low) / top
+        zero = torch.div(-low, torch.where(scale == 0, 1, scale)).add_(0.5).floor_().clamp_(max=top)
+    reciprocal = torch.where(scale == 0, 0, 1 / scale)
+    codes = torch.mul(blocks, reciprocal).add_(zero + 0.5).floor_().clamp_(0, top)
+    return codes, scale, zero
 
 
 def pack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,

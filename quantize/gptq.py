@@ -129,9 +129,9 @@ class _Solver:
             column = start + i
             if column % self.block == 0:
                 g = slice(i, i + self.block)
-                r_gg = r1[..., g, g]
-                u_gg = torch.linalg.solve_triangular(r_gg, torch.eye(r_gg.shape[-1]).expand_as(r_gg), upper=True)
-                group = w1[..., g, :] + u_gg.transpose(-1, -2) @ s1[..., g, :]
+                # U_ggᵀ·s_g = R_ggᵀ⁻¹·s_g, by one lower-triangular solve
+                group = w1[..., g, :] + torch.linalg.solve_triangular(r1[..., g, g].transpose(-1, -2), s1[..., g, :],
+                                                                      upper=False)
                 scale, zero = _group_params(group.transpose(-1, -2), self.top, self.symmetric)
                 self.scales[..., column // self.block], self.zeros[..., column // self.block] = scale, zero
             row = w1[..., i, :] + s1[..., i, :] / diagonal[..., i, None]

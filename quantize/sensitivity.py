@@ -17,6 +17,7 @@ import numpy as np
 
 from gemma4_onnx.exporter.geometry import LayerSpec
 from gemma4_onnx.progress import progress
+from gemma4_onnx.quantize.blockwise import rounded_to_nearest
 from gemma4_onnx.quantize.calibration import BlockWalk, calibration_tokens
 from gemma4_onnx.quantize.float_tensors import FloatTensors
 from gemma4_onnx.quantize.plan import Entry
@@ -30,22 +31,14 @@ def fake_quantized(weight: np.ndarray, entry: Entry) -> np.ndarray:
     (26B-A4B's gate/up stack is 2 GB; a round trip through the kernel took 60 % of this step there)."""
     import torch
 
-    block, top = entry.decision.block_size, 15
+    block = entry.decision.block_size
     out = np.empty(weight.shape, np.float32)
     k = weight.shape[-1]
     for matrix, rounded in zip(weight.reshape(-1, *weight.shape[-2:]), out.reshape(-1, *weight.shape[-2:]),
                                strict=True):
         blocks = torch.nn.functional.pad(torch.from_numpy(matrix).float(), (0, -k % block))
-        blocks = blocks.reshape(matrix.shape[0], -1, block)
-        if entry.decision.symmetric:  # the value of largest magnitude lands on code 0
-            extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
-            scale, zero = extreme / -((top + 1) // 2), torch.full_like(extreme, (top + 1) // 2)
-        else:
-            low = blocks.amin(-1, keepdim=True).clamp_(max=0)
-            scale = (blocks.amax(-1, keepdim=True).clamp_(min=0) - low) / top
-            zero = torch.div(-low, torch.where(scale == 0, 1, scale)).add_(0.5).floor_().clamp_(max=top)
-        reciprocal = torch.where(scale == 0, 0, 1 / scale)
-        codes = torch.mul(blocks, reciprocal).add_(zero + 0.5).floor_().clamp_(0, top)  # the kernel's roundf
+        codes, scale, zero = rounded_to_nearest(blocks.reshape(matrix.shape[0], -1, block), 4,
+                                                entry.decision.symmetric)
         rounded[...] = codes.sub_(zero).mul_(scale).reshape(matrix.shape[0], -1)[:, :k].numpy()
     return out
 

@@ -341,6 +341,20 @@ def test_sensitivity_rounding_is_the_kernels_round_trip(symmetric: bool) -> None
     np.testing.assert_allclose(fake_quantized(weight, entry), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_small_block_rounding_is_the_kernels(bits: int, symmetric: bool) -> None:
+    """Blocks below the kernel's minimum are rounded by the kernel's rule: at a size both take, the same
+    packed codes, scales and zero points."""
+    from gemma4_onnx.quantize.blockwise import _rtn_small_blocks, blockwise
+
+    weight = np.random.default_rng(5).standard_normal((12, 64)).astype(np.float32)
+    weight[0, :16] = 0.0  # an all-zero block: scale 0
+    decision = Decision(bits=bits, block_size=16, symmetric=symmetric, algorithm="rtn")
+    for ours, kernels in zip(_rtn_small_blocks(weight, decision), blockwise(weight, decision), strict=True):
+        np.testing.assert_array_equal(ours, kernels)
+
+
 @pytest.mark.parametrize("experts,k", [(None, 160), (3, 96), (None, 150)], ids=["one", "experts", "padded"])
 def test_gptq_equals_the_reference_loop(experts: int | None, k: int) -> None:
     """Our GPTQ (R-only updates, recursive blocking, float32) against the reference loop (float64, explicit
