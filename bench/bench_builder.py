@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_decode import OnnxRunner, decode_call, read_bandwidth_gbs
+from bench_decode import OnnxRunner, decode_call, decode_token, read_bandwidth_gbs
 from bench_full_size import RTN_RECIPE, run_measured
 from measure import Section, interleaved_ms
 from op_profile import (
@@ -117,18 +117,19 @@ def builder_op_profile(folder: Path, prompt: list[int], steps: int, capacity: in
     import numpy as np
     import onnxruntime as ort
 
+    from gemma4_onnx.runtime.text_model import session_options
+
     with tempfile.TemporaryDirectory(prefix="gemma4-profile-") as directory:
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(directory) / "builder-")
-        session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(folder / "model.onnx"),
+                                       session_options(profile_prefix=str(Path(directory) / "builder-")),
+                                       providers=["CPUExecutionProvider"])
         config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         cache = {i.name: np.zeros((1, config["num_key_value_heads"], capacity, config["head_size"]), np.float32)
                  for i in session.get_inputs() if i.name.startswith("past_key_values.")}
         names = [o.name for o in session.get_outputs()]
         length = 0
-        for step in range(steps + 1):
-            ids = np.array([prompt] if step == 0 else [[7 + step % 5]])
+        for step in range(-1, steps):
+            ids = np.array([prompt] if step < 0 else [[decode_token(step)]])
             length += ids.shape[1]
             outputs = session.run(names, {"input_ids": ids, "attention_mask": np.ones((1, length), np.int64), **cache})
             cache = {name.replace("present.", "past_key_values."): value

@@ -110,9 +110,14 @@ def _prefill(runner: Any, prompt: list[int]) -> Any:
     return lambda _: runner.prefill(prompt)
 
 
+def decode_token(index: int) -> int:
+    """The token fed at the ``index``-th decode step: varied, always in every vocabulary."""
+    return 7 + index % 5
+
+
 def decode_call(runner: Any, cache: Any) -> Callable[[int], Any]:
     """One decode step after ``cache`` per call, the token varied by the round number."""
-    return lambda round_index: runner.step(cache, 7 + round_index % 5)
+    return lambda round_index: runner.step(cache, decode_token(round_index))
 
 
 Speeds = dict[tuple[str, int], dict[str, list[float]]]  # (runner, context) → prefill_ms / decode_ms samples

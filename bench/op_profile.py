@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from bench_decode import decode_token
 
 MEMORY_BOUND_SHARE = 0.8  # a kernel streaming its weights at this share of the read bandwidth is memory-bound
 
@@ -49,7 +50,7 @@ def decode_op_profile(package: Path, prompt: list[int], steps: int) -> OpProfile
         cache = model.empty_cache(1)
         model.forward(np.array([prompt]), cache)
         for step in range(steps):
-            model.forward(np.array([[7 + step % 5]]), cache)
+            model.forward(np.array([[decode_token(step)]]), cache)
         files = model.end_profiling()
         del model
         return profile_from_files(files, steps)

@@ -130,8 +130,8 @@ def _measured(results: dict[str, Any], name: str) -> str:
 def resumable(partial: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Sections an interrupted run finished, to keep when it measured the same code (tree unmodified), in the
     same mode, on the same kind of machine: the full suite runs for hours, and like an export it goes on from
-    where it stopped, in a later session too (the partial file can be committed, since the code hash leaves
-    the results out). Each kept section says when it was measured."""
+    where it stopped, in a later session too (the code hash leaves the results out). Each kept section says
+    when it was measured."""
     git = results["machine"]["git"]
     if not partial.exists() or not git or git["modified"]:
         return {}
