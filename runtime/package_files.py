@@ -8,6 +8,7 @@ every graph must name such a file and lie within it; no declared dimension may b
 parsed as protobuf only (``load_external_data=False``) to find those references.
 """
 
+import hashlib
 import os
 import re
 import stat
@@ -297,3 +298,37 @@ def check_package(directory: Path, manifest: dict[str, Any], checksums: bool = T
             problem := tokenizer_problem(directory / TOKENIZER, vocab)):
         raise _fail(directory, problem)
     return models
+
+
+def open_package(directory: Path) -> tuple[dict[str, Any], dict[str, onnx.ModelProto]]:
+    """The one gate before any file of a package is opened: its manifest, and its graphs parsed without
+    data, after every check above passed."""
+    from gemma4_onnx.graphs.manifest import read_manifest
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    return manifest, check_package(directory, manifest)
+
+
+def read_side_file(directory: Path, manifest: dict[str, Any], name: str) -> bytes | None:
+    """A side file's bytes (tokenizer, its config, the chat template), or None where the package has none.
+    Only a file the manifest lists is read, through no link, and only when it still has the listed sha256;
+    a file of that name the manifest does not list is refused, never read."""
+    directory = Path(directory)
+    entry = manifest["files"].get(name)
+    if entry is None:
+        if os.path.lexists(directory / name):
+            raise _fail(directory, f"file {name} is not listed in the manifest (refused: a package's files are "
+                                   "listed with their sha256)")
+        return None
+    info = contained_file(directory, safe_relative(directory, name, "manifest entry"), f"package file {name}")
+    fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        opened = os.fstat(f.fileno())
+        if (opened.st_ino, opened.st_dev) != (info.st_ino, info.st_dev) or opened.st_size != entry["bytes"]:
+            raise _fail(directory, f"package file {name} changed while it was read")
+        data = f.read(entry["bytes"] + 1)
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise _fail(directory, f"package file {name}: sha256 differs from the manifest (the file was changed after "
+                               "export)")
+    return data
