@@ -110,7 +110,15 @@ def shard_plan(tensors: list[PlannedTensor], max_bytes: int) -> list[list[Planne
 def init_checkpoint(variant: str, out_dir: Path, seed: int = 0, dtype: str = "bfloat16",
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> Path:
     """Write ``variant``'s random checkpoint to ``out_dir``; returns the directory."""
-    config = get_variant(variant).config | {"dtype": dtype}
+    return init_checkpoint_from_config(get_variant(variant).config, out_dir, seed, dtype, max_shard_bytes, force,
+                                       variant=variant)
+
+
+def init_checkpoint_from_config(config: dict[str, Any], out_dir: Path, seed: int = 0, dtype: str = "bfloat16",
+                                max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
+                                variant: str | None = None) -> Path:
+    """Write a random checkpoint of any geometry (a top-level ``config.json`` as a dict) to ``out_dir``."""
+    config = config | {"dtype": dtype}
     tensors = planned_tensors(config, seed, DTYPES[dtype])
     shards = shard_plan(tensors, max_shard_bytes)
     with publish_dir(Path(out_dir), force=force) as staging:
