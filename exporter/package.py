@@ -133,7 +133,7 @@ def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = Fals
     weights = open_source(source)
     quantize_options(recipe, budget_bits, calibration, calibration_tokens)  # refused before minutes of tracing
     out = Path(out_dir).absolute()
-    check_target(out, force)
+    checked = check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-graphs-", dir=out.parent))
     try:
@@ -142,7 +142,7 @@ def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = Fals
         job = QuantizeJob(scratch, read_manifest(scratch), StreamedTensors(writer.loaders), recipe, budget_bits,
                           calibration, calibration_tokens)
         return job.publish(out, force, fp32_bytes(weights), {"source_package": None},
-                           resume_key=json.dumps([_source_key(weights), target], sort_keys=True))
+                           resume_key=json.dumps([_source_key(weights), target], sort_keys=True), checked=checked)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

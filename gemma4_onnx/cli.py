@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gemma4_onnx import __version__
+from gemma4_onnx.atomic import check_disjoint, check_file_target
 from gemma4_onnx.errors import Gemma4OnnxError
 from gemma4_onnx.memory import return_freed_memory
 from gemma4_onnx.progress import say, set_quiet
@@ -47,9 +48,15 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_file(spec: str | None) -> str | None:
+    """A recipe given as a file (an input an output must not touch); None for a built-in name."""
+    return spec if spec and Path(spec).suffix == ".toml" else None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from gemma4_onnx.exporter.package import export_package
 
+    check_disjoint(Path(args.out_dir), args.source, args.calibration, _recipe_file(args.recipe))
     return_freed_memory()
     out = export_package(args.source, Path(args.out_dir), force=args.force, structure_only=args.structure_only,
                          target=args.target, recipe=args.recipe, budget_bits=args.budget_bits,
@@ -63,13 +70,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from gemma4_onnx.parity_run import run_parity, summary, write_report
 
     model_dir = Path(args.model_dir)
+    out = Path(args.out) if args.out else model_dir.parent / f"{model_dir.name}.parity"
+    check_disjoint(out, model_dir, args.checkpoint, args.text)
+    check_file_target(out / "parity.json")
     if args.blocks:
         from gemma4_onnx.block_parity import run_block_parity
 
         result = run_block_parity(model_dir, args.checkpoint, args.layers, args.sequence)
     else:
         result = run_parity(model_dir, Path(args.checkpoint), Path(args.text) if args.text else None, args.steps)
-    out = Path(args.out) if args.out else model_dir.parent / f"{model_dir.name}.parity"
     path = write_report(result, out)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -90,6 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from gemma4_onnx.quantize.job import quantize_package
 
+    check_disjoint(Path(args.out_dir), args.model_dir, args.calibration, _recipe_file(args.recipe))
     return_freed_memory()
     calibration = Path(args.calibration) if args.calibration else None
     out = quantize_package(Path(args.model_dir), Path(args.out_dir), args.recipe, force=args.force,
@@ -102,7 +112,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from gemma4_onnx.runtime.report import write_report
 
-    out = write_report([Path(d) for d in args.report_dirs], Path(args.out or "build/report"))
+    directories, out = [Path(d) for d in args.report_dirs], Path(args.out or "build/report")
+    check_disjoint(out, *directories)
+    write_report(directories, out, force=args.force)
     say(f"report: {out / 'report.md'}, {out / 'report.html'}")
     return 0
 
@@ -110,6 +122,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from gemma4_onnx.verify import summary, verify_package, write_report
 
+    if args.out:
+        check_disjoint(Path(args.out), args.model_dir)
+        check_file_target(Path(args.out))
     report = verify_package(Path(args.model_dir))
     if args.out:
         write_report(report, Path(args.out))
@@ -123,6 +138,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_mobile(args: argparse.Namespace) -> int:
     from gemma4_onnx.mobile.package import mobile_package
 
+    check_disjoint(Path(args.out_dir), args.model_dir)
     if args.genai:
         from gemma4_onnx.mobile.genai import genai_package
 
@@ -206,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("report", cmd_report, "render parity reports side by side")
     p.add_argument("report_dirs", nargs="+")
-    p.add_argument("--out")
+    p.add_argument("--out", help="the folder to write report.md and report.html to (default build/report)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
 
     p = verb("generate", cmd_generate, "generate text with an exported package")
     p.add_argument("model_dir")

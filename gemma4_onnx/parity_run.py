@@ -13,6 +13,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gemma4_onnx import tolerances
+from gemma4_onnx.atomic import write_file
 from gemma4_onnx.builtin_text import BUILTIN_TEXT
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.multimodal_parity import multimodal_checks, multimodal_parity
@@ -137,12 +138,8 @@ def block_check(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "parity.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    """``out_dir``/parity.json, replaced whole (``atomic.write_file``)."""
+    return write_file(out_dir / "parity.json", json.dumps(result, indent=1) + "\n")
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -41,7 +41,7 @@ def main(root: Path) -> int:
         runs = []
         for label, package in packages.items():
             runs.append(write_report(run_parity(package, checkpoint, text, steps=64), root / "parity" / name / label))
-        out = render([r.parent for r in runs], root / name)
+        out = render([r.parent for r in runs], root / name, force=True)
         print(f"report: {out / 'report.html'}")
     say("done")
     return 0

@@ -24,6 +24,7 @@ from typing import Any
 
 import onnx
 
+from gemma4_onnx.atomic import write_file
 from gemma4_onnx.errors import Gemma4OnnxError, UsageError
 from gemma4_onnx.graphs.manifest import MANIFEST, read_manifest
 from gemma4_onnx.runtime.package_files import (
@@ -202,8 +203,5 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    """The JSON report at ``path``, replaced whole (``atomic.write_file``)."""
+    return write_file(path, json.dumps(report, indent=1) + "\n")

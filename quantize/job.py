@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from gemma4_onnx import __version__
-from gemma4_onnx.atomic import check_free_space, check_target, publish_dir, publish_resumable
+from gemma4_onnx.atomic import Checked, check_free_space, check_target, publish_dir, publish_resumable
 from gemma4_onnx.builtin_text import calibration_text
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.geometry import text_geometry
@@ -101,18 +101,20 @@ class QuantizeJob:
         self.plan = resolve(self.recipe, _initializer_shapes(root, self.files), self.geometry)
 
     def publish(self, out_dir: Path, force: bool, float_bytes: int, provenance: dict[str, Any],
-                remember: bool = False, resume_key: str | None = None) -> Path:
+                remember: bool = False, resume_key: str | None = None, checked: Checked | None = None) -> Path:
         """Calibrate, quantize and publish ``out_dir``. ``remember``: calibration results are kept for another
         recipe on the same package in this process (``memo``); with ``resume_key`` (what identifies the
-        source) an interrupted run restarts from its last completed block."""
+        source) an interrupted run restarts from its last completed block. ``checked``: what the caller found
+        at ``out_dir`` when its command began (``atomic.check_target``), the only thing it may replace."""
         out = Path(out_dir)
         needed = quantized_bytes(float_bytes, self.plan)
-        check_target(out.absolute(), force)  # before calibration, which takes minutes at full size
+        if checked is None:
+            checked = check_target(out, force)  # before calibration, which takes minutes at full size
         check_free_space(out.absolute().parent, needed)
         calibration = self.calibration
         text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
         if resume_key is None:
-            with publish_dir(out, force=force, needed_bytes=needed) as staging:
+            with publish_dir(out, force=force, needed_bytes=needed, checked=checked) as staging:
                 self._write(staging, text, None, remember, provenance)
             return out
         key = hashlib.sha256(json.dumps([resume_key, __version__, self.calibration_tokens, self.recipe.name,
@@ -120,7 +122,7 @@ class QuantizeJob:
                                          self.recipe.budget_bits, [e.as_dict() for e in self.plan],
                                          hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()],
                                         sort_keys=True).encode()).hexdigest()
-        with publish_resumable(out, key, force=force, needed_bytes=needed) as staging:
+        with publish_resumable(out, key, force=force, needed_bytes=needed, checked=checked) as staging:
             self._write(staging, text, ResumeState(staging), remember, provenance)
         return out
 

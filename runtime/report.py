@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gemma4_onnx.atomic import check_disjoint, publish_dir
 from gemma4_onnx.errors import UsageError
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
@@ -137,11 +138,15 @@ def html_report(runs: list[dict[str, Any]]) -> str:
             "</body></html>\n")
 
 
-def write_report(directories: list[Path], out: Path) -> Path:
+def write_report(directories: list[Path], out: Path, force: bool = False) -> Path:
+    """report.md and report.html of ``directories``' runs, published whole at ``out`` (a non-empty ``out``
+    replaced only with ``force``; an ``out`` that is, lies in or contains an input refused)."""
     runs = load_runs(directories)
     if not runs:
         raise UsageError("report needs at least one parity directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(runs))
-    (out / "report.html").write_text(html_report(runs))
+    check_disjoint(out, *directories)
+    pages = {"report.md": markdown(runs), "report.html": html_report(runs)}
+    with publish_dir(out, force=force) as staging:
+        for name, text in pages.items():
+            (staging / name).write_text(text, encoding="utf-8")
     return out
