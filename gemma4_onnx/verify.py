@@ -32,6 +32,7 @@ from gemma4_onnx.runtime.package_files import (
     check_graph,
     check_listed_file,
     check_manifest_shape,
+    check_named_files,
     graph_entries,
     graph_files,
     has_weights,
@@ -65,6 +66,7 @@ def _check_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     for name, entry in manifest["files"].items():
         _collect(problems, functools.partial(check_listed_file, directory, name, entry, manifest))
+    _collect(problems, functools.partial(check_named_files, directory, manifest))
     problems += [f"{directory}: file {name} is not listed in the manifest" for name in unlisted_files(directory,
                                                                                                      manifest)]
     return problems

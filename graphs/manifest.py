@@ -8,12 +8,25 @@ from the manifest is not the file that was exported.
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from gemma4_onnx.errors import UsageError
+from gemma4_onnx.errors import PackageError, UsageError
+from gemma4_onnx.schema import (
+    SchemaError,
+    boolean,
+    either,
+    integer,
+    list_of,
+    mapping_of,
+    nullable,
+    record,
+    string,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-onnx/1"
@@ -59,14 +72,70 @@ def write_manifest(directory: Path, content: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # a 60-layer package's manifest is ~0.5 MB
+PATH = r"[^\x00\\]{1,1024}"
+VALUE = record({"name": string(max_length=1024), "dtype": string(max_length=64),
+                "shape": list_of(nullable(either(integer(0), string(max_length=256))), max_length=64)})
+GRAPH = record({"file": string(PATH)}, {
+    "inputs": list_of(VALUE, max_length=4096), "outputs": list_of(VALUE, max_length=4096),
+    "weights_file": string(PATH), "layer": integer(0, 1 << 16),
+    "patch_size": integer(1, 1 << 12), "pooling_kernel_size": integer(1, 1 << 12),
+    "position_embedding_size": integer(1, 1 << 20), "soft_token_budgets": list_of(integer(1, 1 << 20), max_length=64),
+    "mel_bins": integer(1, 1 << 12), "frame_multiple": integer(1, 1 << 12)})
+BLOCKS = list_of(GRAPH, max_length=1 << 12)
+TOKEN_ID = integer(0, (1 << 31) - 1)
+SCHEMA = record({
+    "format": string(choices=(FORMAT,)),
+    "files": mapping_of(record({"bytes": integer(0, 1 << 50), "sha256": string(r"[0-9a-f]{64}")}),
+                        key_pattern=PATH, max_length=1 << 17),
+}, {
+    "kind": string(max_length=64),
+    "weights": string(max_length=256),
+    "graphs": mapping_of(lambda value, where: (BLOCKS if where == "graphs.blocks" else GRAPH)(value, where),
+                         max_length=64),
+    "cache": list_of(record({"layer": integer(0, 1 << 16), "past": list_of(string(max_length=256), 1, 2),
+                             "present": list_of(string(max_length=256), 1, 2),
+                             "shape": list_of(nullable(either(integer(0), string(max_length=256))), 4, 4)},
+                            {"max_length": nullable(integer(0)), "k_eq_v": boolean,
+                             "attention": string(choices=("sliding", "full"))}), max_length=1 << 12),
+    "text_config": record({"vocab_size": integer(1, 1 << 24), "hidden_size": integer(1, 1 << 20)}, {
+        "eos_token_id": nullable(either(TOKEN_ID, list_of(TOKEN_ID, max_length=64))),
+        "pad_token_id": nullable(TOKEN_ID), "bos_token_id": nullable(TOKEN_ID),
+        "max_position_embeddings": integer(1, 1 << 24)}),
+    "token_ids": mapping_of(nullable(TOKEN_ID), max_length=256),
+    "ple": nullable(record({"file": string(PATH)}, {"tensor": string(max_length=1024), "tables": list_of(record(
+        {"offset": integer(0, 1 << 50), "rows": integer(0, 1 << 32), "row_bytes": integer(0, 1 << 32),
+         "file": string(PATH)}), max_length=1 << 12)})),
+    "quantization": nullable(mapping_of(lambda value, where: None)),
+    "precision": nullable(string(max_length=256)),
+})
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest, read without following a link and checked against its schema (types and ranges)."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise UsageError(f"{directory} is not a gemma4-onnx package (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc})") from None
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{directory} is not a gemma4-onnx package (no {MANIFEST})") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise PackageError(f"{directory}: {MANIFEST} is a symbolic link (a package holds plain files only)")
+    if not stat.S_ISREG(info.st_mode):
+        raise PackageError(f"{directory}: {MANIFEST} is not a regular file")
+    if info.st_nlink > 1:
+        raise PackageError(f"{directory}: {MANIFEST} has {info.st_nlink} hard links (one may lie outside the package)")
+    if info.st_size > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{directory}: {MANIFEST} has {info.st_size} bytes (at most {MAX_MANIFEST_BYTES})")
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UsageError(f"{path}: not a {FORMAT} manifest")
+    try:
+        SCHEMA(manifest, "")
+    except SchemaError as exc:
+        raise PackageError(f"{path}: {exc}") from None
     return manifest

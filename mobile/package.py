@@ -22,7 +22,7 @@ from gemma4_onnx.mobile.convert import CONFIG, convert, copy_file, deployed_grap
 from gemma4_onnx.mobile.operators import build_commands, check_coverage, operator_table
 from gemma4_onnx.mobile.usability import function_expansions, graph_usability, write_report
 from gemma4_onnx.progress import say
-from gemma4_onnx.runtime.package_files import SIDE_FILES
+from gemma4_onnx.runtime.package_files import SIDE_FILES, read_side_file
 from gemma4_onnx.runtime.text_model import check_files_present
 
 PLACEHOLDER_KEYS = ("image_token_id", "audio_token_id", "video_token_id")
@@ -58,8 +58,8 @@ def mobile_package(model_dir: Path, out_dir: Path, force: bool = False, target_p
         if ple and prepared.tables:
             copy_file(source / ple["file"], staging / ple["file"])
         for name in SIDE_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, staging / name)
+            if (data := read_side_file(source, manifest, name)) is not None:
+                (staging / name).write_bytes(data)
         shutil.copyfile(Path(__file__).parent / "example.py", staging / EXAMPLE)
         graphs = {graph: {"file": f"{graph}.ort", **graph_signature(_load_signature(path))}
                   for graph, path in prepared.onnx_files.items()}

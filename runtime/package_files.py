@@ -37,31 +37,44 @@ def _fail(directory: Path, message: str) -> PackageError:
 
 
 def check_manifest_shape(directory: Path, manifest: dict[str, Any]) -> None:
-    """The manifest has the tables the checks below read, with the types they expect."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
-            for e in files.values()):
-        raise _fail(directory, f"{MANIFEST} has no valid 'files' table (name → bytes, sha256)")
+    """A runnable package's manifest has the embed and decoder graphs and a text config (types and ranges
+    of every field are the schema's, checked when it was read)."""
     graphs = manifest.get("graphs")
-    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(g), dict) and "file" in graphs[g]
-                                               for g in ("embed", "decoder")):
+    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(g), dict) for g in ("embed", "decoder")):
         raise _fail(directory, f"{MANIFEST} has no valid 'graphs' table (embed, decoder)")
-    for graph in ("embed", "decoder"):
-        if graphs[graph]["file"] not in files:
-            raise _fail(directory, f"graph {graphs[graph]['file']} is not among the manifest's files")
-    cache = manifest.get("cache") or []
-    if not isinstance(cache, list) or not all(
-            isinstance(c, dict) and isinstance(c.get("past"), list) and isinstance(c.get("present"), list)
-            and isinstance(c.get("shape"), list) and len(c["shape"]) == 4 for c in cache):
-        raise _fail(directory, f"{MANIFEST} has no valid 'cache' table")
+    if not isinstance(manifest.get("text_config"), dict):
+        raise _fail(directory, f"{MANIFEST} has no 'text_config'")
+
+
+def named_files(manifest: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(what, file) for every file the manifest names outside its files table: graphs, their weights files,
+    the PLE file and its row tables."""
+    for entry in graph_entries(manifest):
+        yield "graph", entry["file"]
+        if "weights_file" in entry:
+            yield f"weights file of graph {entry['file']}", entry["weights_file"]
+    ple = manifest.get("ple") or {}
+    if "file" in ple:
+        yield "per-layer embedding file", ple["file"]
+    for table in ple.get("tables", []):
+        yield "PLE row table file", table["file"]
+
+
+def check_named_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest names is listed in its files table (and so checked), never merely present;
+    a structure-only package lists its graphs but not the data files it never wrote."""
+    for what, name in named_files(manifest):
+        safe_relative(directory, name, what)
+        if name not in manifest["files"] and (what == "graph" or has_weights(manifest)):
+            raise _fail(directory, f"{what} {name} is not among the manifest's files")
 
 
 def graph_entries(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every graph entry of the manifest (embed, decoder, blocks, and any a later stage adds)."""
+    """Every graph entry of the manifest (embed, decoder, blocks, and any a later stage adds): every object
+    under ``graphs`` that names a file."""
     def walk(value: Any) -> Iterator[dict[str, Any]]:
         if isinstance(value, dict):
-            if isinstance(value.get("file"), str) and value["file"].endswith(".onnx"):
+            if isinstance(value.get("file"), str):
                 yield value
             for item in value.values():
                 yield from walk(item)
@@ -134,8 +147,15 @@ def tensor_bytes(tensor: TensorProto) -> int:
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
+def _sparse(tensor: onnx.SparseTensorProto) -> Iterator[TensorProto]:
+    yield tensor.values
+    yield tensor.indices
+
+
 def _tensors(graph: GraphProto) -> Iterator[TensorProto]:
     yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from _sparse(sparse)
     for node in graph.node:
         yield from _node_tensors(node)
 
@@ -146,6 +166,11 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
             yield attribute.t
         elif attribute.type == AttributeProto.TENSORS:
             yield from attribute.tensors
+        elif attribute.type == AttributeProto.SPARSE_TENSOR:
+            yield from _sparse(attribute.sparse_tensor)
+        elif attribute.type == AttributeProto.SPARSE_TENSORS:
+            for sparse in attribute.sparse_tensors:
+                yield from _sparse(sparse)
         elif attribute.type == AttributeProto.GRAPH:
             yield from _tensors(attribute.g)
         elif attribute.type == AttributeProto.GRAPHS:
@@ -283,14 +308,13 @@ def tokenizer_problem(path: Path, vocab_size: int) -> str | None:
 
 def check_package(directory: Path, manifest: dict[str, Any], checksums: bool = True) -> dict[str, onnx.ModelProto]:
     """Everything above, stopping at the first problem; the parsed graphs (without data) by file. A graph
-    entry whose file the manifest does not list is left to ``verify``, which fails it: no loader may
-    open such a file."""
+    entry, weights file or PLE file that the manifest does not list is refused."""
     directory = Path(directory)
     check_manifest_shape(directory, manifest)
     for name, entry in manifest["files"].items():
         check_listed_file(directory, name, entry, manifest, checksums)
-    models = {name: check_graph(directory, name, manifest) for name in graph_files(manifest)
-              if name in manifest["files"]}
+    check_named_files(directory, manifest)
+    models = {name: check_graph(directory, name, manifest) for name in graph_files(manifest)}
     if problems := signature_problems(manifest, models):
         raise _fail(directory, problems[0])
     vocab = (manifest.get("text_config") or {}).get("vocab_size")

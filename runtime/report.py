@@ -12,7 +12,21 @@ from typing import Any
 
 from gemma4_onnx.atomic import check_disjoint, publish_dir
 from gemma4_onnx.errors import UsageError
+from gemma4_onnx.schema import SchemaError, list_of, nullable, number, record, string
 
+MAX_PARITY_BYTES = 64 << 20
+FINITE = number(-1e300, 1e300)
+# What the report reads of a parity.json (``gemma4-onnx parity`` writes more).
+PARITY = record({"blocks": list_of(record({"name": string(max_length=256), "cosine": FINITE}), max_length=1 << 12)}, {
+    "text": nullable(record({key: FINITE for key in (
+        "kl_mean", "top1_agreement", "bits_per_byte_onnx", "bits_per_byte_reference", "greedy_match_steps",
+        "greedy_steps")})),
+    "size": nullable(record(optional={key: FINITE for key in (
+        "avg_bits_per_linear_weight", "total_bytes", "ple_bytes")})),
+    "quantization": nullable(record(optional={"recipe": nullable(string(max_length=256))})),
+    "precision": nullable(string(max_length=256)),
+    "checkpoint": nullable(string()),
+})
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 
 
@@ -23,9 +37,12 @@ def load_runs(directories: list[Path]) -> list[dict[str, Any]]:
         if not path.is_file():
             raise UsageError(f"{directory}: no parity.json (run gemma4-onnx parity --out {directory} first)")
         try:
-            result = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: not valid JSON ({exc})") from None
+            result = json.loads(path.read_bytes()[:MAX_PARITY_BYTES + 1].decode("utf-8"))
+            PARITY(result, "")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise UsageError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+        except SchemaError as exc:
+            raise UsageError(f"{path}: not a gemma4-onnx parity report: {exc}") from None
         quantization = result.get("quantization") or {}
         result["label"] = quantization.get("recipe") or result.get("precision") or path.parent.name
         runs.append(result)

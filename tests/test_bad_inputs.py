@@ -198,7 +198,7 @@ BAD_PACKAGES = [
     (tokenizer_beyond_vocab, PackageError, "tokenizer.json has token id 5000, beyond the model's vocab_size 320"),
     (edit_manifest(lambda m: m["files"].update({"../secret": {"bytes": 1, "sha256": "0" * 64}})), PackageError,
      "manifest entry '../secret' escapes"),
-    (edit_manifest(lambda m: m.pop("files")), PackageError, "no valid 'files' table"),
+    (edit_manifest(lambda m: m.pop("files")), PackageError, "manifest.json: files: is missing"),
     (no_manifest, UsageError, "is not a gemma4-onnx package"),
     (manifest_not_json, UsageError, "not valid JSON"),
 ]

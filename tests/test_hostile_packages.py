@@ -1,0 +1,273 @@
+"""Packages someone else made, as an attacker would: every verb passes the one containment gate
+(``runtime.package_files.open_package``) before it opens a file, so a manifest or graph that names
+something outside the package, through a path, a link or an unlisted entry, is refused with one line and
+nothing outside is read or written. The manifest fuzz mutates one field at a time and runs the real verbs."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gemma4_onnx.cli import main
+from gemma4_onnx.graphs.manifest import MANIFEST
+from gemma4_onnx.verify import verify_package
+
+from hostile import FAST, SLOW, Sandbox, refused
+from test_bad_inputs import RTN, edit_graph
+
+
+@pytest.fixture
+def workspace(exported, tmp_path: Path) -> tuple[Path, Sandbox]:
+    """A private copy of the tiny-e2b fp32 package at tmp_path/work/package and sentinels beside it."""
+    _, fp32 = exported("tiny-e2b")
+    package = Path(shutil.copytree(fp32, tmp_path / "work" / "package"))
+    sandbox = Sandbox(tmp_path / "work")
+    for name in ("victim.onnx", "secret.onnx", "outside.bin", "template.jinja"):
+        sandbox.add(name)
+    (tmp_path / "recipe.toml").write_text(RTN)
+    return package, sandbox
+
+
+def edit_manifest(package: Path, change: Any) -> None:
+    manifest = json.loads((package / MANIFEST).read_text())
+    change(manifest)
+    (package / MANIFEST).write_text(json.dumps(manifest))
+
+
+def verbs(package: Path, tmp_path: Path) -> list[tuple[list[str], Path | None]]:
+    """Every verb that reads a package, with the output it must not leave behind."""
+    return [
+        (["generate", str(package), "--prompt", "def f", "--max-new-tokens", "2", "--quiet"], None),
+        (["quantize", str(package), str(tmp_path / "work" / "q"), "--recipe", str(tmp_path / "recipe.toml"),
+          "--quiet"], tmp_path / "work" / "q"),
+        (["mobile", str(package), str(tmp_path / "work" / "m"), "--quiet"], tmp_path / "work" / "m"),
+        (["mobile", str(package), str(tmp_path / "work" / "g"), "--genai", "--quiet"], tmp_path / "work" / "g"),
+    ]
+
+
+def assert_every_verb_refuses(package: Path, tmp_path: Path, sandbox: Sandbox, capsys, message: str) -> None:
+    for argv, out in verbs(package, tmp_path):
+        err = refused(argv, capsys, out=out, sandbox=sandbox)
+        assert message in err, (argv[0], err)
+    assert main(["verify", str(package), "--quiet"]) == 1
+    capsys.readouterr()
+    assert not sandbox.untouched()
+
+
+def unlisted_graph_entry(file: str, graph: str = "vision_encoder") -> Any:
+    def change(manifest: dict[str, Any]) -> None:
+        manifest["graphs"][graph]["file"] = file
+    return change
+
+
+@pytest.mark.parametrize(("file", "message"), [
+    ("../victim.onnx", "graph '../victim.onnx' escapes the package directory"),
+    ("stray.onnx", "graph stray.onnx is not among the manifest's files"),
+])
+def test_a_graph_entry_the_manifest_does_not_list_is_refused_not_skipped(file, message, workspace, tmp_path,
+                                                                          capsys) -> None:
+    package, sandbox = workspace
+    shutil.copyfile(package / "vision_encoder.onnx", package / "stray.onnx")
+    sandbox.add("victim.onnx", (package / "vision_encoder.onnx").read_bytes())
+    edit_manifest(package, unlisted_graph_entry(file))
+    assert_every_verb_refuses(package, tmp_path, sandbox, capsys, message)
+
+
+def test_a_weights_file_or_ple_file_the_manifest_does_not_list_is_refused(workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+    edit_manifest(package, lambda m: m["graphs"]["vision_encoder"].update(weights_file="../outside.bin"))
+    assert_every_verb_refuses(package, tmp_path, sandbox, capsys, "'../outside.bin' escapes the package")
+    edit_manifest(package, lambda m: m["graphs"]["vision_encoder"].update(weights_file="vision_encoder.data"))
+    edit_manifest(package, lambda m: m["ple"].update(file="unlisted.data"))
+    assert_every_verb_refuses(package, tmp_path, sandbox, capsys, "per-layer embedding file unlisted.data is not "
+                                                                  "among the manifest's files")
+
+
+def test_a_symlinked_manifest_is_not_verified(workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+    outside = tmp_path / "work" / "manifest-outside.json"
+    shutil.move(package / MANIFEST, outside)
+    (package / MANIFEST).symlink_to(outside)
+    report = verify_package(package)
+    assert not report["passed"] and "manifest.json is a symbolic link" in report["checks"][0]["problems"][0]
+    assert refused(["generate", str(package), "--prompt", "x", "--quiet"], capsys, sandbox=sandbox)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
+def test_side_files_are_never_read_through_a_link(name, workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+    target = sandbox.add(f"outside-{name}", b'{"chat_template": "SECRET-SENTINEL"}' if name.endswith(".json")
+                         else b"SECRET-SENTINEL {{ messages }}")
+    if (package / name).exists():
+        (package / name).unlink()
+    (package / name).symlink_to(target)
+    if name in json.loads((package / MANIFEST).read_text())["files"]:
+        message = f"{name} is a symbolic link"
+    else:
+        message = f"file {name} is not listed in the manifest"
+    for argv, out in verbs(package, tmp_path)[:3:2]:  # generate and mobile copy side files
+        err = refused(argv, capsys, out=out, sandbox=sandbox)
+        assert message in err, err
+
+
+def sparse_outside(location: str) -> Any:
+    def change(model: onnx.ModelProto) -> None:
+        values = onnx.numpy_helper.from_array(np.zeros(1, np.float32), "sparse_values")
+        values.data_location = onnx.TensorProto.EXTERNAL
+        values.ClearField("raw_data")
+        values.external_data.add(key="location", value=location)
+        values.external_data.add(key="length", value="4")
+        indices = onnx.numpy_helper.from_array(np.zeros(1, np.int64), "sparse_indices")
+        sparse = onnx.helper.make_sparse_tensor(values, indices, [4])
+        model.graph.sparse_initializer.append(sparse)
+    return change
+
+
+def constant_sparse_outside(location: str) -> Any:
+    def change(model: onnx.ModelProto) -> None:
+        graph = onnx.ModelProto()
+        sparse_outside(location)(graph)
+        sparse = graph.graph.sparse_initializer[0]
+        node = onnx.helper.make_node("Constant", [], ["sparse_constant"], sparse_value=sparse)
+        model.graph.node.insert(0, node)
+    return change
+
+
+@pytest.mark.parametrize("change", [sparse_outside, constant_sparse_outside], ids=["initializer", "constant"])
+def test_sparse_tensors_are_walked_by_the_external_data_check(change, workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+    edit_graph(package, "embed.onnx", change("../outside.bin"))
+    assert_every_verb_refuses(package, tmp_path, sandbox, capsys, "location '../outside.bin' escapes the package")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m["text_config"].update(eos_token_id="end"), "text_config.eos_token_id"),
+    (lambda m: m["text_config"].update(vocab_size=-1), "text_config.vocab_size: must be in"),
+    (lambda m: m["cache"][0].update(past="past.0.key"), "cache[0].past: must be a list"),
+    (lambda m: m["files"]["embed.onnx"].update(bytes="12"), "files.embed.onnx.bytes: must be an integer"),
+    (lambda m: m["graphs"]["embed"].update(file=7), "graphs.embed.file: must be a string"),
+    (lambda m: m["token_ids"].update(image_token_id=[1]), "token_ids.image_token_id: must be an integer"),
+    (lambda m: m.update(ple={"tables": 3}), "ple.file: is missing"),
+], ids=["eos-string", "vocab-negative", "cache-past-string", "bytes-string", "graph-file-int", "token-id-list",
+        "ple-no-file"])
+def test_malformed_manifest_values_are_one_line_errors(change, message, workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+    edit_manifest(package, change)
+    assert_every_verb_refuses(package, tmp_path, sandbox, capsys, message)
+
+
+HOSTILE_VALUES = st.one_of(
+    st.sampled_from(["../victim.onnx", "/etc/passwd", "", "..", "a/../../secret.onnx", "x\\..\\y", "~/x",
+                     "embed.onnx", "ple.data", "\x00", "nan"]),
+    st.integers(min_value=-(1 << 70), max_value=1 << 70), st.floats(allow_nan=True), st.booleans(), st.none(),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.sampled_from(["file", "bytes"]), st.integers(), max_size=2),
+)
+
+
+def leaf_paths(value: Any, path: tuple = ()) -> list[tuple]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in leaf_paths(v, (*path, k))] or [path]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in leaf_paths(v, (*path, i))] or [path]
+    return [path]
+
+
+def set_path(document: Any, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        document = document[key]
+    document[path[-1]] = value
+
+
+def mutate_manifest_and_run(package: Path, tmp_path: Path, sandbox: Sandbox, capsys, data: st.DataObject) -> None:
+    pristine = json.loads((package / MANIFEST).read_text())
+    manifest = json.loads(json.dumps(pristine))
+    paths = [p for p in leaf_paths(manifest) if p and p[0] not in ("tool", "libraries", "source")]
+    for _ in range(data.draw(st.integers(1, 3))):
+        set_path(manifest, data.draw(st.sampled_from(paths)), data.draw(HOSTILE_VALUES))
+    (package / MANIFEST).write_text(json.dumps(manifest))
+    try:
+        for argv, out in verbs(package, tmp_path)[:2]:
+            before = sandbox.listing()
+            code = main(argv)
+            err = capsys.readouterr().err
+            assert code in (0, 2), err
+            assert "Traceback" not in err and "internal error" not in err, err
+            if code == 2:
+                assert err.count("\n") == 1 and (out is None or not out.exists()), err
+            elif out is not None:
+                shutil.rmtree(out)
+            assert not sandbox.untouched() and sandbox.listing() <= before, err
+            assert "SECRET-SENTINEL" not in err
+        assert main(["verify", str(package), "--quiet"]) in (0, 1)
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        (package / MANIFEST).write_text(json.dumps(pristine))
+
+
+@FAST
+@given(data=st.data())
+def test_manifest_fuzz(workspace, tmp_path, capsys, data) -> None:
+    package, sandbox = workspace
+    mutate_manifest_and_run(package, tmp_path, sandbox, capsys, data)
+
+
+@pytest.mark.slow
+@SLOW
+@given(data=st.data())
+def test_manifest_fuzz_long(workspace, tmp_path, capsys, data) -> None:
+    package, sandbox = workspace
+    mutate_manifest_and_run(package, tmp_path, sandbox, capsys, data)
+
+
+def test_hard_linked_manifest_is_refused(workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+    os.link(package / MANIFEST, tmp_path / "linked-manifest.json")
+    err = refused(["generate", str(package), "--prompt", "x", "--quiet"], capsys, sandbox=sandbox)
+    assert "manifest.json has 2 hard links" in err
+
+
+PARITY = {"precision": "float32", "checkpoint": "ckpt", "quantization": {"recipe": "int4"},
+          "text": {"kl_mean": 1e-3, "top1_agreement": 0.99, "bits_per_byte_onnx": 0.9, "bits_per_byte_reference": 0.89,
+                   "greedy_match_steps": 60, "greedy_steps": 64},
+          "size": {"avg_bits_per_linear_weight": 4.8, "total_bytes": 1000, "ple_bytes": 10},
+          "blocks": [{"name": "layer_00", "cosine": 0.999}, {"name": "layer_01", "cosine": 0.998}]}
+
+
+def report_on(document: Any, tmp_path: Path, capsys) -> tuple[int, str]:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    (run / "parity.json").write_text(json.dumps(document))
+    out = tmp_path / "report"
+    code = main(["report", str(run), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err and "internal error" not in err, err
+    if code == 2:
+        assert err.count("\n") == 1 and not out.exists(), err
+    else:
+        shutil.rmtree(out)
+    return code, err
+
+
+@pytest.mark.parametrize("document", [{}, [], {"blocks": "x"}, {"blocks": [{"name": "a", "cosine": "1"}]},
+                                      {**PARITY, "text": {"kl_mean": 1}}])
+def test_report_refuses_a_parity_json_it_cannot_read(document, tmp_path, capsys) -> None:
+    code, err = report_on(document, tmp_path, capsys)
+    assert code == 2 and "parity.json" in err
+
+
+@FAST
+@given(data=st.data())
+def test_report_fuzz(tmp_path, capsys, data) -> None:
+    document = json.loads(json.dumps(PARITY))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from([p for p in leaf_paths(document) if p]))
+        set_path(document, path, data.draw(HOSTILE_VALUES))
+    report_on(document, tmp_path, capsys)
