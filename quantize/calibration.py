@@ -10,6 +10,9 @@ recomputed from the float gate/up weights.
 The tied LM head's H comes from a last step through the decoder's head (final norm), after every block.
 """
 
+import codecs
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ from gemma4_onnx.runtime.package_files import graph_dir
 WINDOW = 512
 CARRIED = ("hidden_states_out", "published_key", "published_value")  # what a block hands on (``advance``)
 MAX_TOKENS = 16384
+READ_CHUNK = 1 << 16  # bytes of calibration text read first (~16k tokens of code)
+TOKENS_MARGIN = 64  # tokens read past the limit, so the last kept ones are those of the whole file
 HEAD_WEIGHT = "model.language_model.embed_tokens.weight"
 Hessians = dict[str, "np.ndarray | ExpertHessians"]  # weight name → H (an [E, K, K] stack for MoE experts)
 
@@ -53,6 +58,53 @@ def calibration_tokens(package: Path, text: str, limit: int = MAX_TOKENS) -> lis
 
     tokenizer = Tokenizer.from_file(str(package / "tokenizer.json"))
     return list(tokenizer.encode(text, add_special_tokens=False).ids)[:limit]
+
+
+def check_calibration_file(path: Path) -> None:
+    """``--calibration``: an existing regular file (a directory or a pipe is refused before any work)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"--calibration {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"--calibration {path} cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"--calibration {path} is not a regular file")
+
+
+def calibration_file_text(path: Path, package: Path, limit: int) -> str:
+    """The start of the calibration file that gives ``limit`` tokens (and ``TOKENS_MARGIN`` more, so that
+    the cut cannot change the first ``limit``), or all of it: read in growing chunks and tokenized as it
+    grows, so a large file is neither read nor tokenized whole. The text must be UTF-8: a file in another
+    encoding is refused with the offset of its first undecodable byte rather than calibrated on
+    replacement characters."""
+    from tokenizers import Tokenizer
+
+    check_calibration_file(path)
+    tokenizer = Tokenizer.from_file(str(package / "tokenizer.json"))
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    text, offset, chunk = "", 0, READ_CHUNK
+    try:
+        with path.open("rb") as f:
+            while data := f.read(chunk):
+                text += _decoded(decoder, data, offset, path)
+                offset += len(data)
+                if len(tokenizer.encode(text, add_special_tokens=False).ids) >= limit + TOKENS_MARGIN:
+                    return text
+                chunk = max(chunk, offset)  # the text read doubles each time: tokenizing costs ≤ 2x the text kept
+    except OSError as exc:
+        raise UsageError(f"--calibration {path} cannot be read ({exc.strerror})") from None
+    return text + _decoded(decoder, b"", offset, path, final=True)
+
+
+def _decoded(decoder: codecs.IncrementalDecoder, data: bytes, offset: int, path: Path, final: bool = False) -> str:
+    """``data`` (at byte ``offset`` of the file) decoded after what the decoder holds of a split character."""
+    pending = len(decoder.getstate()[0])
+    try:
+        return decoder.decode(data, final)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--calibration {path} is not UTF-8 text (undecodable byte at offset "
+                         f"{offset - pending + exc.start}); convert it, e.g. with iconv") from None
 
 
 class BlockWalk:

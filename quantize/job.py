@@ -27,12 +27,19 @@ from gemma4_onnx.progress import progress, say
 from gemma4_onnx.quantize.apply import PLAN_KEY, Quantizer
 from gemma4_onnx.quantize.blockwise import average_bits, bits_per_weight
 from gemma4_onnx.quantize.budget import spend, upgradable
-from gemma4_onnx.quantize.calibration import Hessians, HessianWalk, token_limit
+from gemma4_onnx.quantize.calibration import (
+    Hessians,
+    HessianWalk,
+    calibration_file_text,
+    check_calibration_file,
+    token_limit,
+)
 from gemma4_onnx.quantize.float_tensors import FloatTensors, PackageTensors
 from gemma4_onnx.quantize.memo import recall, remember_result, remembered
 from gemma4_onnx.quantize.plan import Entry, resolve
 from gemma4_onnx.quantize.recipe import Recipe, load_recipe
 from gemma4_onnx.quantize.resume import ResumeState
+from gemma4_onnx.quantize.sensitivity import TOKENS as SENSITIVITY_TOKENS
 from gemma4_onnx.quantize.sensitivity import sensitivities
 from gemma4_onnx.runtime.package_files import graph_dir, graph_entries, graph_files, has_weights
 from gemma4_onnx.runtime.text_model import check_files_present
@@ -57,8 +64,8 @@ def quantize_options(recipe_spec: str, budget_bits: float | None, calibration: P
                      calibration_tokens: int | None) -> tuple[Recipe, int]:
     """The recipe and the calibration token count, or a one-line error for a bad recipe or input."""
     recipe = load_recipe(recipe_spec, budget_bits)
-    if calibration is not None and not calibration.is_file():
-        raise UsageError(f"--calibration {calibration} does not exist")
+    if calibration is not None:
+        check_calibration_file(calibration)
     return recipe, token_limit(calibration_tokens)
 
 
@@ -71,6 +78,7 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
                      calibration: Path | None = None, budget_bits: float | None = None,
                      calibration_tokens: int | None = None) -> Path:
     source = Path(model_dir)
+    quantize_options(recipe_spec, budget_bits, calibration, calibration_tokens)  # refused before the package is read
     manifest = read_manifest(source)
     check_files_present(source, manifest)
     if manifest.get("quantization"):
@@ -112,7 +120,8 @@ class QuantizeJob:
             checked = check_target(out, force)  # before calibration, which takes minutes at full size
         check_free_space(out.absolute().parent, needed)
         calibration = self.calibration
-        text = calibration.read_text(encoding="utf-8", errors="replace") if calibration else calibration_text()
+        text = calibration_file_text(calibration, self.root, max(self.calibration_tokens, SENSITIVITY_TOKENS)) \
+            if calibration else calibration_text()
         if resume_key is None:
             with publish_dir(out, force=force, needed_bytes=needed, checked=checked) as staging:
                 self._write(staging, text, None, remember, provenance)

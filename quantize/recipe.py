@@ -27,11 +27,15 @@ tensors whose quantization costs the most at their block's output (measured on c
 ``sensitivity``) move to int8, most harmful per extra bit first, while the average stored bits per linear weight stays
 within B. The built-in ``auto`` recipe takes B from ``--budget-bits``.
 
-Unknown keys, bad regular expressions, impossible bit widths or block sizes, and (against a model)
-rules that match no tensor are errors naming the rule.
+Every key is checked for its type and range before anything uses it (an integer is not a float, a
+bool is not a string): unknown keys, values of the wrong type, bad regular expressions, impossible bit
+widths or block sizes, and (against a model) rules that match no tensor are one-line errors naming the
+recipe, the rule and the key. Layer ranges are kept as ranges (``0-4000000000`` costs two integers).
 """
 
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -49,6 +53,9 @@ DECISION_KEYS = ("bits", "block_size", "symmetric", "algorithm", "activations")
 RULE_KEYS = ("name", "match", "layers", "layer_types", "skip", "optional", *DECISION_KEYS)
 TOP_KEYS = ("description", "default", "rules", "budget_bits")
 MAX_BUDGET_BITS = 32.0
+MAX_RECIPE_BYTES = 1 << 20  # the built-in recipes are ~3 KB
+MAX_LAYER = (1 << 31) - 1
+MAX_TEXT = 4096  # characters of a name, pattern or description
 
 
 @dataclass(frozen=True)
@@ -73,11 +80,21 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class LayerSet:
+    """Layer indices as inclusive ranges, tested arithmetically: ``0-4000000000`` holds two integers."""
+
+    spans: tuple[tuple[int, int], ...]
+
+    def __contains__(self, layer: object) -> bool:
+        return isinstance(layer, int) and any(low <= layer <= high for low, high in self.spans)
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     match: str
     pattern: re.Pattern[str]
-    layers: frozenset[int] | None
+    layers: LayerSet | None
     layer_types: frozenset[str] | None
     skip: bool
     optional: bool = False
@@ -107,6 +124,10 @@ def _fail(recipe: str, where: str, message: str) -> UsageError:
     return UsageError(f"recipe {recipe}: {where}: {message}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _decision_fields(recipe: str, where: str, table: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in DECISION_KEYS:
@@ -116,81 +137,122 @@ def _decision_fields(recipe: str, where: str, table: dict[str, Any]) -> dict[str
         if key == "bits":
             if value == "float":
                 value = None
-            elif value not in BITS or isinstance(value, bool):
-                raise _fail(recipe, where, f"bits must be 4, 8 or \"float\", got {value!r}")
-        elif key == "block_size" and (value not in BLOCK_SIZES or isinstance(value, bool)):
-            raise _fail(recipe, where, f"block_size must be one of {BLOCK_SIZES}, got {value!r}")
+            elif not _is_int(value) or value not in BITS:
+                raise _fail(recipe, where, f"bits must be 4, 8 or \"float\", got {_shown(value)}")
+        elif key == "block_size" and (not _is_int(value) or value not in BLOCK_SIZES):
+            raise _fail(recipe, where, f"block_size must be one of {BLOCK_SIZES} (an integer), got {_shown(value)}")
         elif key == "symmetric" and not isinstance(value, bool):
-            raise _fail(recipe, where, f"symmetric must be true or false, got {value!r}")
-        elif key == "algorithm" and value not in ALGORITHMS:
-            raise _fail(recipe, where, f"algorithm must be one of {', '.join(ALGORITHMS)}, got {value!r}")
-        elif key == "activations" and value not in ACTIVATIONS:
-            raise _fail(recipe, where, f"activations must be \"float\" or \"int8\", got {value!r}")
+            raise _fail(recipe, where, f"symmetric must be true or false, got {_shown(value)}")
+        elif key == "algorithm" and not (isinstance(value, str) and value in ALGORITHMS):
+            raise _fail(recipe, where, f"algorithm must be one of {', '.join(ALGORITHMS)}, got {_shown(value)}")
+        elif key == "activations" and not (isinstance(value, str) and value in ACTIVATIONS):
+            raise _fail(recipe, where, f"activations must be \"float\" or \"int8\", got {_shown(value)}")
         out[key] = value
     return out
 
 
-def _layers(recipe: str, where: str, spec: Any) -> frozenset[int]:
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        return frozenset([spec])
-    if not isinstance(spec, str):
-        raise _fail(recipe, where, f"layers must be like \"0-3,7\", got {spec!r}")
-    out: set[int] = set()
+def _shown(value: Any) -> str:
+    """A value as an error shows it: its TOML type, and its text cut short."""
+    text = repr(value)
+    kind = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
+        type(value), type(value).__name__)
+    return f"{kind} {text[:40] + '…' if len(text) > 40 else text}"
+
+
+LAYER_SPAN = re.compile(r"\s*(\d{1,10})\s*(?:-\s*(\d{1,10})\s*)?")
+
+
+def _layers(recipe: str, where: str, spec: Any) -> LayerSet:
+    """``layers``: an index, or a string of indices and inclusive ranges ("0-3,7")."""
+    if _is_int(spec) and 0 <= spec <= MAX_LAYER:
+        return LayerSet(((spec, spec),))
+    if not isinstance(spec, str) or len(spec) > MAX_TEXT:
+        raise _fail(recipe, where, f"layers must be like \"0-3,7\", got {_shown(spec)}")
+    spans = []
     for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
-            raise _fail(recipe, where, f"layers must be like \"0-3,7\", got {spec!r}")
-        out.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    return frozenset(out)
+        m = LAYER_SPAN.fullmatch(part)
+        low, high = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
+        if not m or high < low or high > MAX_LAYER:
+            raise _fail(recipe, where, f"layers must be like \"0-3,7\" (indices 0 to {MAX_LAYER}, ranges low-high), "
+                                       f"got {spec[:60]!r}")
+        spans.append((low, high))
+    return LayerSet(tuple(spans))
 
 
-def parse_recipe(name: str, text: str) -> Recipe:
+def _text(recipe: str, where: str, key: str, value: Any, printable: bool = False) -> str:
+    if not isinstance(value, str) or len(value) > MAX_TEXT or (printable and not value.isprintable()):
+        raise _fail(recipe, where, f"{key} must be a {'printable ' if printable else ''}string of at most {MAX_TEXT} "
+                                   f"characters, got {_shown(value)}")
+    return value
+
+
+def _keys(names: list[str]) -> str:
+    return ", ".join(name if name.isprintable() else repr(name) for name in names)[:200]
+
+
+def _table(recipe: str, where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(recipe, where, f"must be a table, got {_shown(value)}")
+    return value
+
+
+def _rule(recipe: str, index: int, table: Any) -> Rule:
+    position = f"rules[{index}]"
+    table = _table(recipe, position, table)
+    label = _text(recipe, position, "name", table["name"], printable=True) if "name" in table else f"rule {index + 1}"
+    where = f"rule '{label[:60]}'"
+    if unknown := sorted(set(table) - set(RULE_KEYS)):
+        raise _fail(recipe, where, f"unknown key(s) {_keys(unknown)}")
+    if "match" not in table:
+        raise _fail(recipe, where, "needs 'match'")
+    match = _text(recipe, where, "match", table["match"])
+    try:
+        pattern = re.compile(match)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise _fail(recipe, where, f"bad regular expression {match[:60]!r} ({exc})") from None
+    types = table.get("layer_types")
+    if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)
+                              or set(types) - set(LAYER_TYPES)):
+        raise _fail(recipe, where, f"layer_types must be a list of {', '.join(LAYER_TYPES)}, got {_shown(types)}")
+    skip, optional = table.get("skip", False), table.get("optional", False)
+    if not isinstance(skip, bool) or not isinstance(optional, bool):
+        raise _fail(recipe, where, f"skip and optional must be true or false, got {_shown(skip)}, {_shown(optional)}")
+    overrides = _decision_fields(recipe, where, table)
+    if skip and overrides:
+        raise _fail(recipe, where, "skip = true cannot be combined with " + ", ".join(overrides))
+    return Rule(name=label, match=match, pattern=pattern,
+                layers=_layers(recipe, where, table["layers"]) if "layers" in table else None,
+                layer_types=frozenset(types) if types is not None else None, skip=skip, optional=optional,
+                overrides=overrides)
+
+
+def parse_recipe(name: str, text: str, source: str | None = None) -> Recipe:
+    """``source``: how errors name the recipe (its file), ``name`` by default."""
+    label = source or name
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"recipe {name}: not valid TOML ({exc})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise UsageError(f"recipe {label}: not valid TOML ({str(exc)[:200]})") from None
     if unknown := sorted(set(data) - set(TOP_KEYS)):
-        raise _fail(name, "top level", f"unknown key(s) {', '.join(unknown)}")
-    default_table = data.get("default", {})
+        raise _fail(label, "top level", f"unknown key(s) {_keys(unknown)}")
+    default_table = _table(label, "[default]", data.get("default", {}))
     if unknown := sorted(set(default_table) - set(DECISION_KEYS)):
-        raise _fail(name, "[default]", f"unknown key(s) {', '.join(unknown)}")
-    default = Decision(**_decision_fields(name, "[default]", default_table))
-    rules = []
-    for i, table in enumerate(data.get("rules", [])):
-        label = table.get("name") or f"rule {i + 1}"
-        where = f"rule '{label}'"
-        if unknown := sorted(set(table) - set(RULE_KEYS)):
-            raise _fail(name, where, f"unknown key(s) {', '.join(unknown)}")
-        if "match" not in table:
-            raise _fail(name, where, "needs 'match'")
-        try:
-            pattern = re.compile(table["match"])
-        except (re.error, TypeError) as exc:
-            raise _fail(name, where, f"bad regular expression {table['match']!r} ({exc})") from None
-        types = table.get("layer_types")
-        if types is not None and (not isinstance(types, list) or set(types) - set(LAYER_TYPES)):
-            raise _fail(name, where, f"layer_types must be a list of {', '.join(LAYER_TYPES)}, got {types!r}")
-        skip, optional = table.get("skip", False), table.get("optional", False)
-        if not isinstance(skip, bool) or not isinstance(optional, bool):
-            raise _fail(name, where, f"skip and optional must be true or false, got {skip!r}, {optional!r}")
-        overrides = _decision_fields(name, where, table)
-        if skip and overrides:
-            raise _fail(name, where, "skip = true cannot be combined with " + ", ".join(overrides))
-        rules.append(Rule(
-            name=label, match=table["match"], pattern=pattern,
-            layers=_layers(name, where, table["layers"]) if "layers" in table else None,
-            layer_types=frozenset(types) if types is not None else None, skip=skip, optional=optional,
-            overrides=overrides,
-        ))
+        raise _fail(label, "[default]", f"unknown key(s) {_keys(unknown)}")
+    default = Decision(**_decision_fields(label, "[default]", default_table))
+    rule_tables = data.get("rules", [])
+    if not isinstance(rule_tables, list):
+        raise _fail(label, "rules", f"must be an array of tables ([[rules]]), got {_shown(rule_tables)}")
+    rules = tuple(_rule(label, i, table) for i, table in enumerate(rule_tables))
+    description = _text(label, "top level", "description", data.get("description", ""))
     budget = data.get("budget_bits")
     if budget is not None:
-        budget = _budget(name, "budget_bits", budget)
-    return Recipe(name, str(data.get("description", "")), default, tuple(rules), budget)
+        budget = _budget(label, "budget_bits", budget)
+    return Recipe(name, description, default, rules, budget)
 
 
 def _budget(recipe: str, where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_BUDGET_BITS:
-        raise _fail(recipe, where, f"must be a number of bits in (0, {MAX_BUDGET_BITS:g}], got {value!r}")
+        raise _fail(recipe, where, f"must be a number of bits in (0, {MAX_BUDGET_BITS:g}], got {_shown(value)}")
     return float(value)
 
 
@@ -204,9 +266,7 @@ def load_recipe(spec: str, budget_bits: float | None = None) -> Recipe:
         text = resources.files("gemma4_onnx.quantize").joinpath(f"recipes/{spec}.toml").read_text()
         recipe = parse_recipe(spec, text)
     elif Path(spec).suffix == ".toml":
-        if not Path(spec).is_file():
-            raise UsageError(f"recipe file {spec} does not exist")
-        recipe = parse_recipe(Path(spec).stem, Path(spec).read_text())
+        recipe = parse_recipe(Path(spec).stem, recipe_file_text(Path(spec)), source=f"file {spec}")
     else:
         raise UsageError(f"unknown recipe '{spec}': use one of {', '.join(BUILTIN)}, or a .toml file")
     if budget_bits is not None:
@@ -214,3 +274,29 @@ def load_recipe(spec: str, budget_bits: float | None = None) -> Recipe:
     if spec == NEEDS_BUDGET and recipe.budget_bits is None:
         raise UsageError("recipe auto needs --budget-bits B (average stored bits per linear weight, e.g. 4.8)")
     return recipe
+
+
+def recipe_file_text(path: Path) -> str:
+    """A recipe file's text: a regular file of at most ``MAX_RECIPE_BYTES``, in UTF-8."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"recipe file {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"recipe file {path} cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"recipe file {path} is not a regular file")
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise UsageError(f"recipe file {path} has {info.st_size} bytes (a recipe has at most {MAX_RECIPE_BYTES})")
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"recipe file {path} cannot be read ({exc.strerror})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UsageError(f"recipe file {path} has more than {MAX_RECIPE_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"recipe file {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start})") from None
