@@ -15,10 +15,12 @@ from typing import Any, BinaryIO
 
 import torch
 
-from gemma4_onnx.errors import CheckpointError, ConfigError
+from gemma4_onnx.errors import CheckpointError, ConfigError, PackageError
+from gemma4_onnx.exporter.config_schema import shown, shown_value, validate_config
 from gemma4_onnx.exporter.geometry import TextGeometry, text_geometry
 from gemma4_onnx.exporter.hf_model import expected_tensors, ignorable_tensors
-from gemma4_onnx.exporter.safetensors_io import DTYPES, TensorEntry, read_header
+from gemma4_onnx.exporter.safetensors_io import DTYPES, DuplicateKeyError, TensorEntry, read_header, unique_keys
+from gemma4_onnx.runtime.package_files import SIDE_FILES, contained_file, safe_relative
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -26,39 +28,104 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 # ClippableLinear bounds are ±inf when a layer does not clip; every other tensor must be finite.
 READ_CHUNK_BYTES = 1 << 30  # one pread returns at most ~2 GiB on Linux: E2B's PLE table is 4.7 GB in bf16
 INFINITE_ALLOWED = ("input_min", "input_max", "output_min", "output_max")
+MAX_JSON_BYTES = 64 << 20  # config.json and the index: a few KB and a few MB in the released checkpoints
+MAX_SHARDS = 512  # each shard stays open while the checkpoint is; released ones have 2 to 30
+
+
+def _checkpoint_error(exc: PackageError) -> CheckpointError:
+    """``package_files``' containment message, worded for a checkpoint."""
+    message = str(exc)
+    for package_words, checkpoint_words in (("the package directory", "the checkpoint directory"),
+                                            ("a package holds plain files only", "a checkpoint is read from "
+                                             "plain files only: copy it without links"),
+                                            ("outside the package)", "outside the checkpoint)")):
+        message = message.replace(package_words, checkpoint_words)
+    return CheckpointError(message)
+
+
+def contained(directory: Path, name: str, what: str, listed_as: str = "file") -> os.stat_result:
+    """lstat of checkpoint file ``name``: a relative path inside ``directory``, reached through no symbolic
+    link, a regular file with one hard link (``runtime.package_files``' rules for packages). ``what`` names
+    the file in errors, ``listed_as`` where its name came from."""
+    try:
+        return contained_file(directory, safe_relative(directory, name, listed_as), what)
+    except PackageError as exc:
+        raise _checkpoint_error(exc) from None
+
+
+def open_contained(directory: Path, name: str, what: str) -> BinaryIO:
+    """``name`` opened for reading after ``contained`` passed, without following a link, and checked to be
+    the file that was checked."""
+    info = contained(directory, name, what)
+    try:  # O_NONBLOCK: a FIFO swapped in after the check cannot block the open
+        f = os.fdopen(os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
+    except OSError as exc:
+        raise CheckpointError(f"{directory}: {what} cannot be opened ({exc.strerror})") from None
+    opened = os.fstat(f.fileno())
+    if (opened.st_ino, opened.st_dev) != (info.st_ino, info.st_dev):
+        f.close()
+        raise CheckpointError(f"{directory}: {what} changed while it was opened")
+    return f
+
+
+def _read_json(directory: Path, name: str, what: str) -> Any:
+    """A contained JSON file of at most ``MAX_JSON_BYTES``, duplicate keys refused; ValueError on bad JSON."""
+    with open_contained(directory, name, what) as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"more than {MAX_JSON_BYTES} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, DuplicateKeyError) as exc:
+        raise ValueError(str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__) from None
 
 
 def read_config(directory: Path) -> dict[str, Any]:
+    """config.json, contained and checked against ``config_schema`` before any field is used."""
     path = directory / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ConfigError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
     try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = _read_json(directory, "config.json", "config.json")
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
-    if model_type != "gemma4" and "Gemma4ForConditionalGeneration" not in architectures:
-        raise ConfigError(f"{path}: model_type {model_type!r} / architectures {architectures} is not Gemma 4 "
-                          "(expected model_type 'gemma4', Gemma4ForConditionalGeneration)")
+    architectures = config.get("architectures")
+    if model_type != "gemma4" and not (isinstance(architectures, list)
+                                       and "Gemma4ForConditionalGeneration" in architectures):
+        raise ConfigError(f"{path}: model_type {shown_value(model_type, 60)} / architectures "
+                          f"{shown_value(architectures, 80)} is not Gemma 4 (expected model_type 'gemma4', "
+                          "Gemma4ForConditionalGeneration)")
+    validate_config(config, str(path))
     return config
 
 
+def check_side_files(directory: Path) -> None:
+    """The files an export copies beside the weights (tokenizer, its config, the chat template) are plain
+    files inside the checkpoint, refused before anything reads or copies them."""
+    for name in SIDE_FILES:
+        if os.path.lexists(directory / name):
+            contained(directory, name, name)
+
+
 def _describe(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{names[0]} (and {len(names) - 1} more)"
+    return shown(names[0]) if len(names) == 1 else f"{shown(names[0])} (and {len(names) - 1} more)"
 
 
 class Checkpoint:
     """An opened, header-checked checkpoint. Tensors are read on demand, never all at once."""
 
-    def __init__(self, directory: Path, config: dict[str, Any], entries: dict[str, TensorEntry]) -> None:
+    def __init__(self, directory: Path, config: dict[str, Any], entries: dict[str, TensorEntry],
+                 files: dict[Path, BinaryIO] | None = None) -> None:
         self.directory = directory
         self.config = config
         self.entries = entries
         self.geometry: TextGeometry = text_geometry(config)
-        self._files: dict[Path, BinaryIO] = {}
+        self._files: dict[Path, BinaryIO] = files or {}  # opened once, contained, at open()
 
     @classmethod
     def open(cls, directory: str | Path, validate: bool = True) -> "Checkpoint":
@@ -66,7 +133,8 @@ class Checkpoint:
         if not directory.is_dir():
             raise CheckpointError(f"checkpoint directory {directory} does not exist")
         config = read_config(directory)
-        checkpoint = cls(directory, config, _read_entries(directory))
+        check_side_files(directory)
+        checkpoint = cls(directory, config, *_read_entries(directory))
         if validate:
             checkpoint.validate()
         return checkpoint
@@ -174,30 +242,53 @@ def _check_finite(name: str, bad: int, nan: int) -> None:
         raise CheckpointError(f"tensor {name} has {bad} non-finite values ({nan} NaN, {bad - nan} Inf)")
 
 
-def _read_entries(directory: Path) -> dict[str, TensorEntry]:
+def _weight_map(directory: Path) -> dict[str, str]:
+    """The index's tensor → shard table, checked to be an object of strings naming contained files."""
     index = directory / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
+    try:
+        content = _read_json(directory, INDEX_FILE, INDEX_FILE)
+    except ValueError as exc:
+        raise CheckpointError(f"{index}: corrupt index ({exc})") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: corrupt index (weight_map must be an object of tensor name → shard file)")
+    return weight_map
+
+
+def _read_entries(directory: Path) -> tuple[dict[str, TensorEntry], dict[Path, BinaryIO]]:
+    """Every tensor entry of the checkpoint, and its shards, opened (contained) once for all later reads."""
+    weight_map: dict[str, str] | None = None
+    if os.path.lexists(directory / INDEX_FILE):
+        weight_map = _weight_map(directory)
         files = sorted(set(weight_map.values()))
-        for file in files:
-            if not (directory / file).is_file():
-                raise CheckpointError(f"shard {file} named in {INDEX_FILE} is missing from {directory}")
-    elif (directory / SINGLE_FILE).is_file():
-        weight_map, files = None, [SINGLE_FILE]
+    elif os.path.lexists(directory / SINGLE_FILE):
+        files = [SINGLE_FILE]
     else:
         raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
-    entries: dict[str, TensorEntry] = {}
-    for file in files:
-        for name, entry in read_header(directory / file).items():
-            if name in entries:
-                raise CheckpointError(f"tensor {name} is stored twice ({entries[name].file.name}, {file})")
-            entries[name] = entry
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            if name not in entries or entries[name].file.name != file:
-                raise CheckpointError(f"missing tensor {name} ({INDEX_FILE} places it in {file}, which does not "
-                                      "hold it)")
-    return entries
+    if len(files) > MAX_SHARDS:
+        raise CheckpointError(f"{directory / INDEX_FILE}: names {len(files)} shards (at most {MAX_SHARDS})")
+    for file in files:  # every name checked before any shard is opened
+        if weight_map is None:
+            contained(directory, file, SINGLE_FILE)
+        else:
+            contained(directory, file, f"shard {shown(file)} named in {INDEX_FILE}", f"shard named in {INDEX_FILE}")
+    opened: dict[Path, BinaryIO] = {}
+    try:
+        entries: dict[str, TensorEntry] = {}
+        for file in files:
+            path = directory / file
+            opened[path] = open_contained(directory, file, f"shard {shown(file)}")
+            for name, entry in read_header(path, opened[path]).items():
+                if name in entries:
+                    raise CheckpointError(f"tensor {shown(name)} is stored twice ({entries[name].file.name}, "
+                                          f"{shown(file)})")
+                entries[name] = entry
+        for name, file in (weight_map or {}).items():
+            if name not in entries or entries[name].file != directory / file:
+                raise CheckpointError(f"missing tensor {shown(name)} ({INDEX_FILE} places it in {shown(file)}, "
+                                      "which does not hold it)")
+    except BaseException:
+        for f in opened.values():
+            f.close()
+        raise
+    return entries, opened

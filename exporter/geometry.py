@@ -12,14 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gemma4_onnx.errors import ConfigError
+from gemma4_onnx.exporter.config_schema import validate_text_config
 from gemma4_onnx.exporter.variants import FULL, SLIDING
 
 KvMode = Literal["own", "store", "reuse"]
-
-REQUIRED_TEXT_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size", "sliding_window",
-)
 
 
 @dataclass(frozen=True)
@@ -84,13 +80,6 @@ def text_config_of(config: dict[str, Any]) -> dict[str, Any]:
     return text
 
 
-def _int_field(text: dict[str, Any], name: str) -> int:
-    value = text.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"config.json: text_config.{name} must be a non-negative integer, got {value!r}")
-    return value
-
-
 def _kv_modes(layer_types: list[str], num_shared: int) -> tuple[list[KvMode], list[int | None]]:
     """transformers' KV-sharing rule: the last non-shared layer of each type stores its K/V."""
     n = len(layer_types)
@@ -110,11 +99,11 @@ def _kv_modes(layer_types: list[str], num_shared: int) -> tuple[list[KvMode], li
     return modes, producers
 
 
-def text_geometry(config: dict[str, Any]) -> TextGeometry:
-    """Every per-layer number the exporter needs, from a top-level or text config dict."""
+def text_geometry(config: dict[str, Any], source: str = "config.json") -> TextGeometry:
+    """Every per-layer number the exporter needs, from a top-level or text config dict (checked against
+    ``config_schema`` first; ``source`` names the file in errors)."""
     text = text_config_of(config)
-    for name in REQUIRED_TEXT_FIELDS:
-        _int_field(text, name)
+    validate_text_config(text, source)
     n = text["num_hidden_layers"]
     layer_types: list[str] = text.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n)]
     if len(layer_types) != n:

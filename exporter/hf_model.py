@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
@@ -28,13 +29,19 @@ def quiet_transformers():
         hf_logging.set_verbosity(previous)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception from transformers as one line of a message (some span several)."""
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
 def hf_config(config: dict[str, Any]) -> Gemma4Config:
-    """transformers' config object for a config.json dict (either spelling of the global-head fields)."""
+    """transformers' config object for a config.json dict (either spelling of the global-head fields). The
+    dict has passed ``config_schema``; what transformers still refuses is a ConfigError too."""
     try:
         with quiet_transformers():
             hf = Gemma4Config(**{k: v for k, v in config.items() if k not in ("architectures",)})
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ConfigError(f"config.json is not a valid Gemma 4 config: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, StrictDataclassError) as exc:
+        raise ConfigError(f"config.json is not a valid Gemma 4 config: {one_line(exc)}") from None
     hf._attn_implementation = "eager"
     hf.get_text_config()._attn_implementation = "eager"
     return hf
@@ -42,8 +49,13 @@ def hf_config(config: dict[str, Any]) -> Gemma4Config:
 
 def meta_model(config: dict[str, Any]) -> Gemma4ForConditionalGeneration:
     """The full model with every parameter on the meta device: shapes and names, no storage."""
-    with quiet_transformers(), torch.device("meta"):
-        model = Gemma4ForConditionalGeneration(hf_config(config))
+    hf = hf_config(config)
+    try:
+        with quiet_transformers(), torch.device("meta"):
+            model = Gemma4ForConditionalGeneration(hf)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        raise ConfigError(f"config.json: transformers cannot build this model ({type(exc).__name__}: "
+                          f"{one_line(exc)})") from None
     return model.eval()
 
 

@@ -8,6 +8,7 @@ to the first byte after the header), then the raw little-endian data.
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import BinaryIO
 import torch
 
 from gemma4_onnx.errors import CheckpointError
+from gemma4_onnx.exporter.config_schema import shown, shown_value
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -43,46 +45,111 @@ class TensorEntry:
     end: int
 
 
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Every tensor entry of one safetensors file, with truncation and overlap checked."""
+MAX_RANK = 8
+MAX_DIMENSION = 1 << 40  # the bytes check against the file's size bounds every tensor; this bounds the product
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (readers disagree on which value wins)."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``object_pairs_hook`` for ``json.loads`` that refuses duplicate keys."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKeyError(f"key {shown(key)} appears twice")
+        seen[key] = value
+    return seen
+
+
+class _HeaderProblem(ValueError):
+    """What is wrong with a header, before the file's name is added."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(name: str, info: object, data_start: int, size: int, path: Path) -> TensorEntry:
+    """One header entry, checked: its keys, dtype, shape and byte range, within the file."""
+    if not isinstance(info, dict) or set(info) != ENTRY_KEYS:
+        raise _HeaderProblem(f"entry of tensor {shown(name)} must be an object with exactly dtype, shape, "
+                             "data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _HeaderProblem(f"tensor {shown(name)} has unsupported dtype {shown_value(dtype, 40)}")
+    if (not isinstance(shape, list) or len(shape) > MAX_RANK
+            or not all(_is_int(d) and 0 <= d <= MAX_DIMENSION for d in shape)):
+        raise _HeaderProblem(f"tensor {shown(name)}: shape {shown_value(shape, 60)} is not a list of at most "
+                             f"{MAX_RANK} non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise _HeaderProblem(f"tensor {shown(name)}: data_offsets {shown_value(offsets, 60)} is not a list of two "
+                             "integers")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if begin < 0 or end - begin != expected:
+        raise _HeaderProblem(f"tensor {shown(name)} declares bytes {begin}..{end} for shape {shape} {dtype} "
+                             f"({expected} bytes expected)")
+    if data_start + end > size:
+        raise _HeaderProblem(f"truncated: tensor {shown(name)} ends at byte {data_start + end}, file has {size}")
+    return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_no_overlap(entries: dict[str, TensorEntry]) -> None:
+    previous: TensorEntry | None = None
+    for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if previous is not None and entry.begin < previous.end:
+            raise _HeaderProblem(f"tensors {shown(previous.name)} and {shown(entry.name)} overlap (bytes "
+                                 f"{previous.begin}..{previous.end} and {entry.begin}..{entry.end})")
+        if entry.end > entry.begin:
+            previous = entry
+
+
+def _raw_header(path: Path, f: BinaryIO) -> tuple[bytes, int, int]:
+    """The header's bytes, where the data starts, and the file's size."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+    return f.read(n), 8 + n, size
+
+
+def read_header(path: Path, f: BinaryIO | None = None) -> dict[str, TensorEntry]:
+    """Every tensor entry of one safetensors file (read from ``f`` when given, an already opened ``path``),
+    checked: a JSON object without duplicate keys, known dtypes, integer shapes and offsets, each tensor's
+    bytes within the file and no two tensors overlapping."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{path.name}: corrupt safetensors header (declares {n} header bytes, "
-                                      f"file has {size})")
-            raw = f.read(n)
+        if f is None:
+            with path.open("rb") as opened:
+                raw, data_start, size = _raw_header(path, opened)
+        else:
+            raw, data_start, size = _raw_header(path, f)
     except OSError as exc:
         raise CheckpointError(f"{path.name}: cannot read: {exc.strerror}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw, object_pairs_hook=unique_keys)
+    except DuplicateKeyError as exc:
+        raise CheckpointError(f"{path.name}: corrupt safetensors header ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: corrupt safetensors header (not an object)")
-    entries = {}
-    data_start = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: corrupt header entry for tensor {name}") from None
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
-        if end - begin != expected or begin < 0:
-            raise CheckpointError(f"{path.name}: tensor {name} declares {end - begin} bytes for shape "
-                                  f"{list(shape)} {dtype} ({expected} expected)")
-        if data_start + end > size:
-            raise CheckpointError(f"{path.name}: truncated: tensor {name} ends at byte {data_start + end}, "
-                                  f"file has {size}")
-        entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
+    try:
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise _HeaderProblem("__metadata__ must be an object of strings")
+        entries = {name: _entry(name, info, data_start, size, path) for name, info in header.items()}
+        _check_no_overlap(entries)
+    except _HeaderProblem as exc:
+        message = str(exc)
+        raise CheckpointError(f"{path.name}: " + (message if message.startswith("truncated") else
+                                                  f"corrupt safetensors header ({message})")) from None
     return entries
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.graphs.manifest import read_manifest
-from gemma4_onnx.parity_run import block_check, package_size
+from gemma4_onnx.parity_run import block_check, check_same_model, checkpoint_config, package_size
 from gemma4_onnx.progress import progress
 from gemma4_onnx.runtime.blocks import run_block
 from gemma4_onnx.runtime.package_files import check_package, has_weights
@@ -26,12 +26,13 @@ def run_block_parity(model_dir: Path, source: str, layers: list[int] | None = No
     from gemma4_onnx.exporter.weights import open_source
 
     manifest = read_manifest(model_dir)
+    if Path(source).is_dir():  # its config alone, before any file of the package or weight is read
+        check_same_model(model_dir, manifest, source, checkpoint_config(Path(source)))
     check_package(model_dir, manifest)
     if not has_weights(manifest):
         raise UsageError(f"{model_dir} is a structure-only package: it has no weights to compare")
     weights = open_source(source)
-    if weights.config["text_config"] != manifest["text_config"]:
-        raise UsageError(f"{source} is not the source of {model_dir}: their text configs differ")
+    check_same_model(model_dir, manifest, source, weights.config)
     specs = list(weights.geometry.layers)
     if layers is not None:
         unknown = sorted(set(layers) - {s.index for s in specs})

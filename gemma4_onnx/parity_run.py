@@ -15,7 +15,9 @@ from tokenizers import Tokenizer
 from gemma4_onnx import tolerances
 from gemma4_onnx.atomic import write_file
 from gemma4_onnx.builtin_text import BUILTIN_TEXT
-from gemma4_onnx.errors import UsageError
+from gemma4_onnx.errors import CheckpointError, UsageError
+from gemma4_onnx.exporter.config_schema import shown, shown_value
+from gemma4_onnx.graphs.manifest import MANIFEST, read_manifest
 from gemma4_onnx.multimodal_parity import multimodal_checks, multimodal_parity
 from gemma4_onnx.progress import progress
 from gemma4_onnx.runtime.blocks import run_block
@@ -40,11 +42,38 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
+def checkpoint_config(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's config.json, contained and schema-checked, without reading any weight."""
+    from gemma4_onnx.exporter.checkpoint import read_config
+
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
+    return read_config(checkpoint)
+
+
+def check_same_model(model_dir: Path, manifest: dict[str, Any], source: str, source_config: dict[str, Any]) -> None:
+    """Refuse a source of another model before any reference run: its text config must give the layer
+    geometry of the package's (the manifest keeps the exporting checkpoint's text_config)."""
+    from gemma4_onnx.exporter.geometry import text_geometry
+
+    package_text = manifest.get("text_config") or {}
+    source_text = source_config.get("text_config", source_config)
+    package_geometry = text_geometry(package_text, f"{model_dir / MANIFEST}")
+    if text_geometry(source_text) == package_geometry:
+        return
+    differing = [k for k in sorted({*package_text, *source_text}) if package_text.get(k) != source_text.get(k)]
+    detail = (f"text_config.{shown(differing[0])} is {shown_value(source_text.get(differing[0]), 60)} there, "
+              f"{shown_value(package_text.get(differing[0]), 60)} in the package" if differing
+              else "their layer geometries differ")
+    raise UsageError(f"{source} is not the source of {model_dir} (a checkpoint of another model?): {detail}")
+
+
 def run_parity(model_dir: Path, checkpoint: Path, text_file: Path | None, steps: int) -> dict[str, Any]:
     from gemma4_onnx.exporter.reference_outputs import Reference
 
     if steps < 0:
         raise UsageError(f"--steps must be ≥ 0, got {steps}")
+    check_same_model(model_dir, read_manifest(model_dir), str(checkpoint), checkpoint_config(checkpoint))
     model = TextModel(model_dir)
     reference = Reference(str(checkpoint))
     tokenizer = load_tokenizer(model_dir)
