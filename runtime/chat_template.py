@@ -194,10 +194,10 @@ def bounded_range(*args: Any) -> range:
     items = range(*args)
     try:
         size = len(items)
-    except OverflowError:
-        size = MAX_RANGE + 1
+    except OverflowError:  # more than 2^63 items
+        raise _Limit(f"asks for a range of over 2^63 items (at most {MAX_RANGE})") from None
     if size > MAX_RANGE:
-        raise _Limit(f"asks for a range of {size if size <= 1 << 63 else 'over 2^63'} items (at most {MAX_RANGE})")
+        raise _Limit(f"asks for a range of {size} items (at most {MAX_RANGE})")
     return items
 
 

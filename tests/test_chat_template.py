@@ -11,8 +11,11 @@ from transformers import PreTrainedTokenizerFast
 from gemma4_onnx.cli import main
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.package import export_package
+from gemma4_onnx.graphs.manifest import read_manifest
 from gemma4_onnx.runtime.chat_template import CHAT_TEMPLATE_FILE
-from gemma4_onnx.runtime.generate import chat_prompt, generate
+from gemma4_onnx.runtime.generate import PackageText, chat_prompt, generate
+
+from test_bad_inputs import reseal
 
 # Gemma's turn format, written for the byte-level test tokenizer (its turn markers are plain text there)
 TEMPLATE = (
@@ -32,9 +35,13 @@ def chat_package(tiny_checkpoint, tmp_path_factory) -> Path:
     return export_package(str(checkpoint), checkpoint.parent / "package")
 
 
+def package_text(package: Path) -> PackageText:
+    return PackageText.read(package, read_manifest(package))
+
+
 def test_template_gives_transformers_ids(chat_package: Path) -> None:
     tokenizer = Tokenizer.from_file(str(chat_package / "tokenizer.json"))
-    bos, text = chat_prompt(tokenizer, chat_package, PROMPT)
+    bos, text = chat_prompt(package_text(chat_package), PROMPT)
     ours = bos + tokenizer.encode(text, add_special_tokens=False).ids
     reference = PreTrainedTokenizerFast(tokenizer_file=str(chat_package / "tokenizer.json"), bos_token="<bos>",
                                         chat_template=TEMPLATE)
@@ -44,18 +51,16 @@ def test_template_gives_transformers_ids(chat_package: Path) -> None:
 
 
 def test_raw_and_template_free_prompts_are_sent_as_given(chat_package: Path, exported) -> None:
-    tokenizer = Tokenizer.from_file(str(chat_package / "tokenizer.json"))
-    assert chat_prompt(tokenizer, chat_package, PROMPT, raw=True) == ([], PROMPT)  # add_bos_token is false
+    assert chat_prompt(package_text(chat_package), PROMPT, raw=True) == ([], PROMPT)  # add_bos_token is false
     _, plain = exported("tiny-e2b")
     assert not (plain / CHAT_TEMPLATE_FILE).exists()
-    assert chat_prompt(tokenizer, plain, PROMPT) == ([], PROMPT)
+    assert chat_prompt(package_text(plain), PROMPT) == ([], PROMPT)
 
 
 def test_cli_generate_uses_the_template(chat_package: Path, capsys) -> None:
     assert main(["generate", str(chat_package), "--prompt", "hi", "--max-new-tokens", "6"]) == 0
     templated = capsys.readouterr().out
-    tokenizer = Tokenizer.from_file(str(chat_package / "tokenizer.json"))
-    _, text = chat_prompt(tokenizer, chat_package, "hi")
+    _, text = chat_prompt(package_text(chat_package), "hi")
     assert templated.strip() == generate(chat_package, text, 6, stream=False, raw=True).strip()
 
 
@@ -63,8 +68,10 @@ def test_a_broken_template_is_a_one_line_error(chat_package: Path, tmp_path: Pat
     broken = tmp_path / "broken"
     shutil.copytree(chat_package, broken)
     (broken / CHAT_TEMPLATE_FILE).write_text("{% if %}")
+    reseal(broken)
     with pytest.raises(UsageError, match="chat template does not render"):
         generate(broken, "hi", 1, stream=False)
     (broken / CHAT_TEMPLATE_FILE).write_text("{{ raise_exception('no system turns') }}")
+    reseal(broken)
     with pytest.raises(UsageError, match="refused the prompt: no system turns"):
         generate(broken, "hi", 1, stream=False)
