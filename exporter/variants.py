@@ -143,7 +143,7 @@ TINY_AUDIO_E = _audio(
 )
 
 
-def _model(text: dict[str, Any], vision: dict[str, Any], audio: dict[str, Any] | None,
+def _model(text: dict[str, Any], vision: dict[str, Any] | None, audio: dict[str, Any] | None,
             token_ids: dict[str, int]) -> dict[str, Any]:
     """A complete top-level ``config.json`` in the released checkpoints' layout."""
     return {
@@ -232,6 +232,16 @@ REGISTRY: dict[str, Variant] = {
         ), TINY_VISION_LARGE, None, TINY_TOKEN_IDS)),
     ]
 }
+
+
+def tiny_config(towers: bool = False, **text_fields: Any) -> dict[str, Any]:
+    """A test-sized config.json of any geometry: tiny-e2b's text fields (its PLE, KV sharing and double-wide
+    MLP off) with ``text_fields`` over them; text only unless ``towers`` (tiny-e2b's vision and audio)."""
+    text = _text(**_TINY_TEXT, num_hidden_layers=2, intermediate_size=128, num_key_value_heads=1,
+                 layer_types=layer_pattern(2, 1))
+    text.update(text_fields)
+    return _model(text, TINY_VISION_E if towers else None, TINY_AUDIO_E if towers else None, TINY_TOKEN_IDS)
+
 
 FULL_SIZE = [name for name, v in REGISTRY.items() if not v.is_tiny]
 TINY = [name for name, v in REGISTRY.items() if v.is_tiny]

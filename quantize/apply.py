@@ -15,7 +15,6 @@ ops read the same [V, H/block, block] layout.
 
 import functools
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +115,9 @@ class Quantizer:
                 packed, scales, zero_points = blockwise_rows(self.tensors.row_chunks(tensor, graph_dir),
                                                              int(tensor.dims[0]), decision, statistics)
             self._write(names, (packed, scales.astype(np.float16), zero_points), self._location(name))
+            if self.plan[name].candidate.kind == "embedding" and decision.bits == 4 and scales.shape[1] % 2:
+                self._write([gathered_zero_points(name)], (nibbles_across_rows(zero_points, scales.shape[1]),),
+                            self._location(name))
         return names, decision
 
     def _write(self, names: list[str], arrays: tuple[np.ndarray, ...], location: str) -> None:
@@ -189,17 +191,17 @@ class Quantizer:
 
     def _gather_slices(self, graph: _Graph, gather: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
         """The PLE table [V, L·P] quantized with scales per layer slice: a block never straddles two
-        layers' P-wide slices (block = the recipe's block size if it divides P, else P). Written with
-        standard ops because GatherBlockQuantized needs blocks of at least 16 while the test variants
-        have P = 8; only the gathered rows are read and dequantized.
+        layers' P-wide slices (its block divides P: ``plan.fitted``). Written with standard ops because
+        GatherBlockQuantized takes only blocks of 16 … 256 in powers of two, while P may be 8 or 24; only
+        the gathered rows are read and dequantized.
 
             ids ─Gather(codes)─[unpack nibbles]─Cast─Reshape[…, blocks, block]─Sub(Gather(zero_points))
                 ─Mul(Gather(scales))─Reshape[…, L·P] ─► per-layer token part
         """
-        entry = self.plan[tensor.name]
+        decision = self.plan[tensor.name].decision
         rows, width = (int(d) for d in tensor.dims)
-        decision = ple_decision(entry.decision, self.ple_dim)
         block = decision.block_size
+        assert self.ple_dim % block == 0 and (decision.bits == 8 or block % 2 == 0), "plan.fitted decides PLE blocks"
         names = quantized_names(tensor.name, decision)
         if names[0] not in self.writer.written:
             source, graph_dir = self.sources[tensor.name]
@@ -277,22 +279,44 @@ class Quantizer:
             graph.consumers[name] = [new if c is node else c for c in graph.consumers[name]]
 
     def _gather(self, graph: _Graph, gather: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
-        """GatherBlockQuantized reads the MatMulNBits bytes as [V, H] 4- or 8-bit elements."""
+        """GatherBlockQuantized reads the MatMulNBits bytes as [V, H'] 4- or 8-bit elements, H' the width
+        padded to whole blocks; padding is sliced off its output (``plan.fitted``)."""
         (packed, scales, zero_points), decision = self._quantized(tensor.name)
         rows, width = (int(d) for d in tensor.dims)
-        blocks = width // decision.block_size
-        if width % decision.block_size or (decision.bits == 4 and blocks % 2):
-            raise UsageError(f"{tensor.name}: width {width} needs an even number of {decision.block_size}-blocks "
-                             "to be gathered quantized")
+        blocks = -(-width // decision.block_size)
+        padded = blocks * decision.block_size
         element = onnx.TensorProto.UINT4 if decision.bits == 4 else onnx.TensorProto.UINT8
-        data = self.writer.alias(f"{tensor.name}.rows", packed, (rows, width), element)
-        zeros = self.writer.alias(f"{zero_points}.rows", zero_points, (rows, blocks), element)
+        data = self.writer.alias(f"{tensor.name}.rows", packed, (rows, padded), element)
+        own_zeros = decision.bits == 4 and blocks % 2  # MatMulNBits pads each row's zero points to a byte
+        zeros = self.writer.alias(f"{zero_points}.rows", gathered_zero_points(tensor.name) if own_zeros
+                                  else zero_points, (rows, blocks), element)
         self.quantized_names += [data.name, zeros.name]
+        out = gather.output[0]
+        gathered = out if padded == width else f"{out}.padded"
         graph.replace(gather, helper.make_node(
-            "GatherBlockQuantized", [data.name, gather.input[1], self._scales32(scales), zeros.name],
-            list(gather.output),
+            "GatherBlockQuantized", [data.name, gather.input[1], self._scales32(scales), zeros.name], [gathered],
             name=gather.name + "_quantized", domain=ORT_CONTRIB_DOMAIN, gather_axis=0, quantize_axis=1,
             block_size=decision.block_size, bits=decision.bits))
+        if padded != width:
+            bounds = {f"{out}.slice_{key}": np.array([value], np.int64)
+                      for key, value in (("starts", 0), ("ends", width), ("axes", -1))}
+            self.constants += [onnx.numpy_helper.from_array(v, k) for k, v in bounds.items()]
+            nodes = list(graph.graph.node)
+            graph.graph.node.insert(nodes.index(next(n for n in nodes if gathered in n.output)) + 1,
+                                    helper.make_node("Slice", [gathered, *bounds], [out], name=f"{out}.unpad"))
+
+
+def gathered_zero_points(name: str) -> str:
+    """The zero points GatherBlockQuantized reads when MatMulNBits' do not fit it (4 bits, odd blocks)."""
+    return f"{name}.zero_points_across_rows"
+
+
+def nibbles_across_rows(zero_points: np.ndarray, blocks: int) -> np.ndarray:
+    """MatMulNBits' 4-bit zero points [N, ⌈blocks/2⌉] (each row padded to a whole byte) → the [N, blocks]
+    uint4 layout GatherBlockQuantized reads (packed across rows, low nibble first)."""
+    nibbles = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(len(zero_points), -1)[:, :blocks]
+    flat = np.pad(nibbles.reshape(-1), (0, nibbles.size % 2))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
 
 
 def blockwise_rows(chunks: Iterable[np.ndarray], rows: int, decision: Decision,
@@ -314,16 +338,12 @@ def blockwise_rows(chunks: Iterable[np.ndarray], rows: int, decision: Decision,
     return outputs[0], outputs[1], outputs[2]
 
 
-def ple_decision(decision: Decision, ple_dim: int) -> Decision:
-    """The PLE table's blocks never straddle two layers' slices: the recipe's block if it divides P, else P."""
-    return replace(decision, block_size=decision.block_size if ple_dim % decision.block_size == 0 else ple_dim)
-
-
 def ple_bytes(rows: int, layers: int, ple_dim: int, decision: Decision) -> int:
-    """Bytes of the quantized PLE table (codes, fp16 scales, one zero-point byte per block), as written."""
+    """Bytes of the quantized PLE table (codes, fp16 scales, one zero-point byte per block), as written, for
+    the plan's (fitted) decision."""
     assert decision.bits is not None
     width = layers * ple_dim
-    blocks = width // ple_decision(decision, ple_dim).block_size
+    blocks = width // decision.block_size
     return rows * (width * decision.bits // 8 + blocks * 3)
 
 

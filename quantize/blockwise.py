@@ -11,7 +11,7 @@ from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmu
 from gemma4_onnx.errors import NotBuiltYet, UsageError
 from gemma4_onnx.quantize.gptq import gptq
 from gemma4_onnx.quantize.plan import LINEAR_KINDS, Entry
-from gemma4_onnx.quantize.recipe import Decision
+from gemma4_onnx.quantize.recipe import BLOCK_SIZES, Decision
 
 if TYPE_CHECKING:
     import torch
@@ -34,8 +34,8 @@ def blockwise(weight: np.ndarray, decision: Decision,
     if decision.algorithm != "rtn":
         raise NotBuiltYet(f"quantization algorithm '{decision.algorithm}'")
     assert decision.bits is not None
-    if decision.block_size < 16:
-        return _rtn_small_blocks(weight, decision)
+    if decision.block_size not in BLOCK_SIZES:  # onnxruntime's quantizer takes 16 … 256 in powers of two only
+        return _rtn_any_block(weight, decision)
     n, k = weight.shape
     block = decision.block_size
     blocks = -(-k // block)
@@ -80,16 +80,18 @@ def _k_quant(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.nda
     return pack(codes.reshape(n, -1), scales.reshape(n, -1), zeros.reshape(n, -1), decision)
 
 
-def _rtn_small_blocks(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round-to-nearest for blocks below onnxruntime's minimum of 16 (the PLE slices of test variants), by
-    the kernel's own rule (``rounded_to_nearest``)."""
+def _rtn_any_block(weight: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest for blocks onnxruntime's quantizer does not take (the PLE slices of 8 or 24 values:
+    ``plan.fitted``), by the kernel's own rule (``rounded_to_nearest``), K padded with zeros to whole blocks
+    as the kernel pads."""
     import torch
 
     assert decision.bits is not None
     n, k = weight.shape
-    blocks = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).reshape(n, -1, decision.block_size)
+    padded = np.pad(np.asarray(weight, dtype=np.float32), ((0, 0), (0, -k % decision.block_size)))
+    blocks = torch.from_numpy(padded).reshape(n, -1, decision.block_size)
     codes, scales, zeros = rounded_to_nearest(blocks, decision.bits, decision.symmetric)
-    return pack(codes.reshape(n, k).numpy(), scales[..., 0].numpy(), zeros[..., 0].numpy(), decision)
+    return pack(codes.reshape(n, -1).numpy(), scales[..., 0].numpy(), zeros[..., 0].numpy(), decision)
 
 
 def rounded_to_nearest(blocks: "torch.Tensor", bits: int,
@@ -133,11 +135,15 @@ def pack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
     return packed.reshape(n, blocks, block // per_byte), scales.astype(np.float32).reshape(n, blocks), zero_codes
 
 
-def bits_per_weight(decision: Decision) -> float:
-    """Stored bits per weight, scales (fp16) and zero points counted."""
+def bits_per_weight(decision: Decision, k: int | None = None) -> float:
+    """Stored bits per weight, scales (fp16) and zero points counted; with the row width ``k``, the zeros
+    that pad its last block (``plan.padding_notes``) counted too."""
     if decision.bits is None:
         return 32.0
-    return decision.bits + (16 + decision.bits) / decision.block_size
+    per_weight = decision.bits + (16 + decision.bits) / decision.block_size
+    if k is None or k % decision.block_size == 0:
+        return per_weight
+    return per_weight * -(-k // decision.block_size) * decision.block_size / k
 
 
 def average_bits(plan: list[Entry]) -> float:
@@ -145,6 +151,6 @@ def average_bits(plan: list[Entry]) -> float:
     total = weights = 0.0
     for entry in plan:
         if entry.candidate.kind in LINEAR_KINDS:
-            total += entry.candidate.size * bits_per_weight(entry.decision)
+            total += entry.candidate.size * bits_per_weight(entry.decision, entry.candidate.shape[-1])
             weights += entry.candidate.size
     return total / weights if weights else 0.0

@@ -4,11 +4,24 @@ Candidates are the weights quantization can act on, found by their checkpoint na
 weights (q/k/v/o, MLP, double-wide MLP, per-layer gate and projection), the MoE router and experts,
 the token embedding (also the tied LM head) and the per-layer embedding table. Norms, scales and
 ``layer_scalar`` are never candidates.
+
+Each decision is then fitted to the kernel that will run it (``fitted``), and the fit is recorded in the
+plan beside the rule, because a checkpoint's widths need not be whole numbers of the recipe's blocks:
+
+- MatMulNBits (linear weights, the LM head, MoE experts, tower weights) takes any K: the last block of a
+  row is padded with zeros, which multiply nothing. The stored bits per weight count the padding.
+- GatherBlockQuantized (the token embedding, read from the LM head's bytes) is given the padded rows and
+  its output is sliced back to the hidden width; at 4 bits with an odd number of blocks per row it gets
+  its own zero points (MatMulNBits pads each row's to a whole byte, GatherBlockQuantized packs them
+  across rows).
+- The PLE table is dequantized by standard ops, so any block runs, but no block may straddle two layers'
+  slices: its block divides the per-layer width P (the recipe's if it does, else the divisor nearest to
+  it), and 4-bit blocks must fill whole bytes: an odd P keeps the table at 8 bits.
 """
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gemma4_onnx.errors import UsageError
@@ -43,10 +56,19 @@ class Entry:
     candidate: Candidate
     decision: Decision
     rule: str
+    refit: str | None = None  # why the decision differs from the rule's: the PLE's blocks (``fitted``)
+
+    @property
+    def fit(self) -> str | None:
+        """How the tensor's width fits its kernel, in words, where it is not whole blocks (module docstring);
+        derived from the decision, so a decision the budget changes later says its own."""
+        notes = ([self.refit] if self.refit else []) + padding_notes(self.candidate, self.decision)
+        return "; ".join(notes) or None
 
     def as_dict(self) -> dict[str, Any]:
+        fit = {"fit": self.fit} if self.fit else {}
         return {"tensor": self.candidate.name, "kind": self.candidate.kind, "shape": list(self.candidate.shape),
-                "layer": self.candidate.layer, **self.decision.as_dict(), "rule": self.rule}
+                "layer": self.candidate.layer, **self.decision.as_dict(), "rule": self.rule, **fit}
 
 
 def classify(name: str, shape: tuple[int, ...]) -> str | None:
@@ -103,8 +125,65 @@ def resolve(recipe: Recipe, shapes: dict[str, tuple[int, ...]], geometry: TextGe
             if rule.name in used:
                 used[rule.name] += 1
         first = matching[0] if matching else None
-        plan.append(Entry(candidate, first.decide(recipe.default) if first else recipe.default,
-                          first.name if first else "default"))
+        plan.append(fitted(Entry(candidate, first.decide(recipe.default) if first else recipe.default,
+                                 first.name if first else "default"), geometry.ple_dim))
     if unused := [name for name, count in used.items() if count == 0]:
         raise UsageError(f"recipe {recipe.name}: rule '{unused[0]}' matches no tensor of this model")
     return plan
+
+
+def fitted(entry: Entry, ple_dim: int) -> Entry:
+    """``entry`` with its decision fitted to the kernel that runs it: only the PLE table's blocks change (to
+    divide the per-layer width ``ple_dim``); padding is said by ``Entry.fit``."""
+    if entry.decision.bits is None or entry.candidate.kind != "ple":
+        return entry
+    return _fitted_ple(entry, ple_dim)
+
+
+def padding_notes(candidate: Candidate, decision: Decision) -> list[str]:
+    """What MatMulNBits and GatherBlockQuantized do with a width that is not whole blocks (not the PLE's)."""
+    if decision.bits is None or candidate.kind == "ple":
+        return []
+    k, block = candidate.shape[-1], decision.block_size
+    blocks = -(-k // block)
+    notes = []
+    if k % block:
+        notes.append(f"K = {k} is not a multiple of the {block}-block: the last block of each row is padded with "
+                     f"zeros to {blocks * block} (MatMulNBits pads it; the zeros multiply nothing)")
+        if candidate.kind == "embedding":
+            notes.append(f"the embedding lookup (GatherBlockQuantized) reads the padded rows and slices them to {k}")
+    if candidate.kind == "embedding" and decision.bits == 4 and blocks % 2:
+        notes.append(f"{blocks} 4-bit blocks per row (odd): GatherBlockQuantized gets its own zero points, packed "
+                     "across rows")
+    return notes
+
+
+def _fitted_ple(entry: Entry, ple_dim: int) -> Entry:
+    decision = entry.decision
+    assert decision.bits is not None
+    block = decision.block_size
+    if ple_dim % block == 0:
+        return entry
+    divisors = [d for d in range(1, ple_dim + 1) if ple_dim % d == 0 and (decision.bits == 8 or d % 2 == 0)]
+    if not divisors:
+        wider = replace(entry, decision=replace(decision, bits=8))
+        narrowed = _fitted_ple(wider, ple_dim)
+        why = (f"the per-layer width {ple_dim} is odd and a 4-bit block of it would not fill whole bytes: kept at "
+               "8 bits")
+        return replace(narrowed, refit=why + (f"; {narrowed.refit}" if narrowed.refit else ""))
+    chosen = ple_block(ple_dim, block, divisors)
+    return replace(entry, decision=replace(decision, block_size=chosen),
+                   refit=f"blocks of {chosen}, not {block}: a block must divide the per-layer width {ple_dim} "
+                       "(none straddles two layers' slices); the PLE table is dequantized by standard ops, "
+                       "which take any block")
+
+
+def ple_block(ple_dim: int, block: int, divisors: list[int]) -> int:
+    """The PLE's block: the largest divisor of P not above the recipe's block, unless it is under half of it
+    (scales would cost too much) and a larger divisor exists, which is then the smallest larger one."""
+    below = max((d for d in divisors if d <= block), default=None)
+    above = min((d for d in divisors if d > block), default=None)
+    if below is not None and (above is None or 2 * below >= block):
+        return below
+    assert above is not None, f"no block divides {ple_dim}"
+    return above

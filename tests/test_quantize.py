@@ -201,7 +201,7 @@ def test_budget_goes_to_the_most_harmful_tensors_per_extra_bit() -> None:
 
     int4 = Decision(bits=4, block_size=32, symmetric=False, algorithm="gptq")
     sizes = {"a": 1000, "b": 1000, "c": 4000, "d": 1000}
-    plan = [Entry(Candidate(n, "linear", (s, 1), 0), int4, "default") for n, s in sizes.items()]
+    plan = [Entry(Candidate(n, "linear", (s, 32), 0), int4, "default") for n, s in sizes.items()]
     # per extra bit: c is the most harmful in total but the least per weight
     sensitivity = {"a": 1e-3, "b": 3e-3, "c": 2e-3, "d": 1e-5}
     floor = average_bits(plan)
@@ -346,12 +346,12 @@ def test_sensitivity_rounding_is_the_kernels_round_trip(symmetric: bool) -> None
 def test_small_block_rounding_is_the_kernels(bits: int, symmetric: bool) -> None:
     """Blocks below the kernel's minimum are rounded by the kernel's rule: at a size both take, the same
     packed codes, scales and zero points."""
-    from gemma4_onnx.quantize.blockwise import _rtn_small_blocks, blockwise
+    from gemma4_onnx.quantize.blockwise import _rtn_any_block, blockwise
 
     weight = np.random.default_rng(5).standard_normal((12, 64)).astype(np.float32)
     weight[0, :16] = 0.0  # an all-zero block: scale 0
     decision = Decision(bits=bits, block_size=16, symmetric=symmetric, algorithm="rtn")
-    for ours, kernels in zip(_rtn_small_blocks(weight, decision), blockwise(weight, decision), strict=True):
+    for ours, kernels in zip(_rtn_any_block(weight, decision), blockwise(weight, decision), strict=True):
         np.testing.assert_array_equal(ours, kernels)
 
 
