@@ -626,6 +626,59 @@ def test_fuzzed_safetensors_headers_keep_the_promise_long(edits, ckpt, tmp_path,
     _fuzz_header(ckpt, tmp_path, capsys, sandbox, edits)
 
 
+HOSTILE_NAMES = [SHARD, f"./{SHARD}", f"{SHARD}/", f"sub/../{SHARD}", "../outside/secret.bin", "..", "/", "",
+                 "link.bin", "linkdir/secret.bin", "hard.bin", "fifo", "config.json", INDEX, "tokenizer.json",
+                 "~/secret.bin", "..\\outside\\secret.bin", "a\x00b", "nested/" * 40 + "x"]
+
+
+@st.composite
+def index_mutations(draw: st.DrawFn) -> list[tuple[str | None, Any]]:
+    """(tensor name or None for a new one, value) edits of the index's weight_map."""
+    return draw(st.lists(st.tuples(
+        st.one_of(st.none(), st.integers(0, 400).map(str)),
+        st.one_of(st.sampled_from(HOSTILE_NAMES), st.sampled_from(HOSTILE_NAMES).map(lambda n: "../" + n),
+                  st.text(max_size=20), JSON_VALUES)), min_size=1, max_size=3))
+
+
+def _lay_traps(ckpt: Path, sandbox: Sandbox) -> None:
+    """Names a hostile index may point at: links out of the checkpoint, a FIFO."""
+    if not (ckpt / "link.bin").exists():
+        os.symlink(sandbox.root / "secret.bin", ckpt / "link.bin")
+        os.symlink(sandbox.root, ckpt / "linkdir")
+        os.link(sandbox.root / "secret.bin", ckpt / "hard.bin")
+        os.mkfifo(ckpt / "fifo")
+
+
+def _fuzz_index(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], sandbox: Sandbox,
+                edits: list[tuple[str | None, Any]]) -> None:
+    _lay_traps(ckpt, sandbox)
+    original = (ckpt / INDEX).read_text()
+    index = json.loads(original)
+    names = sorted(index["weight_map"])
+    for which, value in edits:
+        index["weight_map"][names[int(which) % len(names)] if which is not None else "model.extra"] = value
+    (ckpt / INDEX).write_text(json.dumps(index))
+    try:
+        run_export(ckpt, tmp_path / "out", capsys, sandbox)
+    finally:
+        (ckpt / INDEX).write_text(original)
+
+
+@FAST
+@given(edits=index_mutations())
+def test_fuzzed_indexes_never_reach_outside(edits, ckpt, tmp_path, capsys, sandbox,
+                                            export_stops_before_tracing) -> None:
+    _fuzz_index(ckpt, tmp_path, capsys, sandbox, edits)
+
+
+@pytest.mark.slow
+@SLOW
+@given(edits=index_mutations())
+def test_fuzzed_indexes_never_reach_outside_long(edits, ckpt, tmp_path, capsys, sandbox,
+                                                 export_stops_before_tracing) -> None:
+    _fuzz_index(ckpt, tmp_path, capsys, sandbox, edits)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("change", [{"sliding_window": 1}, {"num_kv_shared_layers": 3}])
 def test_valid_odd_configs_export_for_real(change, ckpt, tmp_path, capsys) -> None:
