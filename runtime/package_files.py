@@ -239,6 +239,9 @@ def check_graph(directory: Path, graph_file: str, manifest: dict[str, Any]) -> o
     if model.producer_name != PRODUCER:
         raise _fail(directory, f"graph {graph_file} was produced by {model.producer_name or 'an unnamed tool'!r}, "
                                f"not {PRODUCER}")
+    if len(model.training_info):
+        raise _fail(directory, f"graph {graph_file} carries training_info, which gemma4-onnx never writes (its "
+                               "tensors are outside every check)")
     for tensor in model_tensors(model):
         _check_dims(directory, graph_file, f"tensor {tensor.name}", list(tensor.dims))
         if tensor.data_location == TensorProto.EXTERNAL:

@@ -271,3 +271,17 @@ def test_report_fuzz(tmp_path, capsys, data) -> None:
         path = data.draw(st.sampled_from([p for p in leaf_paths(document) if p]))
         set_path(document, path, data.draw(HOSTILE_VALUES))
     report_on(document, tmp_path, capsys)
+
+
+def test_a_graph_with_training_info_is_refused(workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+
+    def change(model: onnx.ModelProto) -> None:
+        info = model.training_info.add()
+        tensor = info.initialization.initializer.add()
+        tensor.CopyFrom(onnx.numpy_helper.from_array(np.zeros(1, np.float32), "t"))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.ClearField("raw_data")
+        tensor.external_data.add(key="location", value="../outside.bin")
+    edit_graph(package, "embed.onnx", change)
+    assert_every_verb_refuses(package, tmp_path, sandbox, capsys, "embed.onnx carries training_info")
