@@ -77,6 +77,8 @@ def exactly(expected: bool, reason: str) -> Check:
 
 
 POSITIVE = number(0, 1e12, low_open=True)
+ROPE_THETA = number(1, 1e12)  # below 1 the frequencies grow with the dimension; 1e-300 gives NaN logits
+SOFTCAP = number(1e-2, 1e6)  # tanh(x / cap) · cap: a cap of 1e-300 gives NaN logits
 EPS = number(0, 1, low_open=True)
 TOKEN = nullable(integer(0, MAX_VOCAB - 1))  # and below vocab_size, checked apart
 LABELS = mapping_of(string(max_length=256), max_length=1024)
@@ -101,7 +103,7 @@ COMMON: dict[str, Check] = {
     "_name_or_path": string(max_length=4096),
 }
 
-ROPE_PARAMETERS = record({"rope_type": string(choices=SUPPORTED_ROPE), "rope_theta": POSITIVE},
+ROPE_PARAMETERS = record({"rope_type": string(choices=SUPPORTED_ROPE), "rope_theta": ROPE_THETA},
                          {"partial_rotary_factor": number(0, 1, low_open=True)}, closed=True)
 
 TEXT_REQUIRED: dict[str, Check] = {
@@ -129,7 +131,7 @@ TEXT_OPTIONAL: dict[str, Check] = {
     "top_k_experts": nullable(integer(1, 1024)),
     "moe_intermediate_size": nullable(integer(1, 1 << 18)),
     "use_bidirectional_attention": nullable(string(choices=("vision",))),
-    "final_logit_softcapping": nullable(POSITIVE),
+    "final_logit_softcapping": nullable(SOFTCAP),
     "hidden_activation": string(choices=("gelu_pytorch_tanh",)),
     "rms_norm_eps": EPS,
     "attention_bias": exactly(False, "the decoder blocks carry no attention bias"),
@@ -165,7 +167,7 @@ VISION_OPTIONAL: dict[str, Check] = {
     "max_position_embeddings": integer(1, MAX_POSITIONS),
     "attention_bias": nullable(boolean),
     "attention_dropout": nullable(number(0, 0)),
-    "rope_parameters": nullable(record({"rope_theta": POSITIVE}, {"rope_type": string(choices=("default", "axial"))},
+    "rope_parameters": nullable(record({"rope_theta": ROPE_THETA}, {"rope_type": string(choices=("default", "axial"))},
                                        closed=True)),
     "use_clipped_linears": boolean,
     "standardize": boolean,
@@ -187,7 +189,7 @@ AUDIO_OPTIONAL: dict[str, Check] = {
     "conv_kernel_size": integer(1, 64),
     "residual_weight": number(0, 1e6),
     "attention_context_right": integer(0, 1 << 12),
-    "attention_logit_cap": POSITIVE,
+    "attention_logit_cap": SOFTCAP,
     "attention_invalid_logits_value": number(-1e38, 0),
     "use_clipped_linears": boolean,
     "gradient_clipping": POSITIVE,
