@@ -112,8 +112,8 @@ def check_place(target: Path) -> None:
     for i, name in enumerate(names):
         room = limit - (STAGING_NAME_EXTRA if i == len(names) - 1 else 0)
         if len(os.fsencode(name)) > room:
-            raise UsageError(f"cannot write {target}: the name {name[:24]}... is {len(os.fsencode(name))} bytes "
-                             f"long, at most {room} fit here")
+            raise UsageError(f"cannot write {target}: the name {name[:24]}... is too long ({len(os.fsencode(name))} "
+                             f"bytes, at most {room} fit here with the temporary names made beside it)")
     if not os.access(folder, os.W_OK | os.X_OK):
         read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
         raise UsageError(f"cannot write {target}: {folder} "
