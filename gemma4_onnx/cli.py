@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     p.add_argument("--recipe", default="int4")
-    p.add_argument("--calibration", help="text file for calibrated algorithms (default: built-in code text)")
+    p.add_argument("--calibration", help="UTF-8 text file for calibrated algorithms (default: built-in code text); "
+                                         "only its start, as far as --calibration-tokens needs, is read")
     p.add_argument("--calibration-tokens", type=int,
                    help="calibration text tokens GPTQ's statistics are gathered over (default 16384; the cost of "
                         "gathering them grows with this, at full size it is minutes)")
@@ -228,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("generate", cmd_generate, "generate text with an exported package")
     p.add_argument("model_dir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate at most (default 64); capped, with a note, at what the model's context "
+                        "leaves after the prompt")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image (repeatable); placed at each <|image|> in the prompt, else before the text")
     p.add_argument("--image-budget", type=int, default=280,
