@@ -125,7 +125,7 @@ def test_both_config_spellings_give_the_same_geometry(fixture: str) -> None:
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("num_hidden_layers", -1, "num_hidden_layers"),
-    ("layer_types", ["sliding_attention"], "layer_types has 1 entries"),
+    ("layer_types", ["sliding_attention"], "layer_types: has 1 entries"),
     ("num_kv_shared_layers", 99, "num_kv_shared_layers"),
     ("num_key_value_heads", 3, "not a multiple"),
 ])
