@@ -10,7 +10,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import torch
@@ -43,22 +43,47 @@ def _checkpoint_error(exc: PackageError) -> CheckpointError:
     return CheckpointError(message)
 
 
-def contained(directory: Path, name: str, what: str, listed_as: str = "file") -> os.stat_result:
-    """lstat of checkpoint file ``name``: a relative path inside ``directory``, reached through no symbolic
-    link, a regular file with one hard link (``runtime.package_files``' rules for packages). ``what`` names
-    the file in errors, ``listed_as`` where its name came from."""
+def hub_blob(directory: Path, name: str) -> Path | None:
+    """Where Hugging Face's cache keeps ``name`` when ``directory`` is one of its snapshots: the cache writes
+    ``<repo>/snapshots/<revision>/<file>`` as a link to ``<repo>/blobs/<hash>``, so the repo folder holds
+    both. None for anything else (a plain file, or a link that leads anywhere but that blobs folder)."""
+    path = directory / name
+    if directory.parent.name != "snapshots" or "/" in name or not path.is_symlink():
+        return None
+    blobs = directory.parent.parent / "blobs"
     try:
-        return contained_file(directory, safe_relative(directory, name, listed_as), what)
+        target = path.resolve(strict=True)
+        inside = blobs.is_dir() and not blobs.is_symlink() and target.parent == blobs.resolve()
+    except (OSError, RuntimeError):
+        return None
+    return target if inside else None
+
+
+def located(directory: Path, name: str, what: str, listed_as: str = "file") -> tuple[Path, os.stat_result]:
+    """The path to open for checkpoint file ``name`` and its lstat: a relative path inside ``directory``,
+    reached through no symbolic link (but a Hugging Face cache snapshot's link into its own blobs folder), a
+    regular file with one hard link (``runtime.package_files``' rules for packages). ``what`` names the file
+    in errors, ``listed_as`` where its name came from."""
+    try:
+        relative = safe_relative(directory, name, listed_as)
+        if (blob := hub_blob(directory, name)) is not None:
+            return blob, contained_file(blob.parent, PurePosixPath(blob.name), what)
+        return directory / relative, contained_file(directory, relative, what)
     except PackageError as exc:
         raise _checkpoint_error(exc) from None
 
 
+def contained(directory: Path, name: str, what: str, listed_as: str = "file") -> os.stat_result:
+    """lstat of checkpoint file ``name`` after the checks of ``located``."""
+    return located(directory, name, what, listed_as)[1]
+
+
 def open_contained(directory: Path, name: str, what: str) -> BinaryIO:
-    """``name`` opened for reading after ``contained`` passed, without following a link, and checked to be
+    """``name`` opened for reading after ``located`` passed, without following a link, and checked to be
     the file that was checked."""
-    info = contained(directory, name, what)
+    path, info = located(directory, name, what)
     try:  # O_NONBLOCK: a FIFO swapped in after the check cannot block the open
-        f = os.fdopen(os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
     except OSError as exc:
         raise CheckpointError(f"{directory}: {what} cannot be opened ({exc.strerror})") from None
     opened = os.fstat(f.fileno())

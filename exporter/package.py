@@ -31,6 +31,7 @@ import torch
 from gemma4_onnx import __version__
 from gemma4_onnx.atomic import check_target, publish_dir
 from gemma4_onnx.errors import UsageError
+from gemma4_onnx.exporter.checkpoint import open_contained
 from gemma4_onnx.exporter.decoder_layer import DecoderLayerBlock, layer_kind
 from gemma4_onnx.exporter.embed import EmbedBlock
 from gemma4_onnx.exporter.geometry import LayerSpec, TextGeometry
@@ -346,8 +347,9 @@ def _copy_side_files(weights: WeightSource, staging: Path) -> None:
     if isinstance(weights, CheckpointWeights):
         checkpoint_dir = weights.checkpoint.directory
         for name in SIDE_FILES:
-            if (checkpoint_dir / name).is_file():
-                shutil.copyfile(checkpoint_dir / name, staging / name)
+            if os.path.lexists(checkpoint_dir / name):
+                with open_contained(checkpoint_dir, name, name) as source, (staging / name).open("wb") as target:
+                    shutil.copyfileobj(source, target)
         return
     from gemma4_onnx.exporter.tokenizer import write_tokenizer
 

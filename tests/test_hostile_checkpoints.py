@@ -691,3 +691,34 @@ def test_valid_odd_configs_export_for_real(change, ckpt, tmp_path, capsys) -> No
     (ckpt / "config.json").write_text(json.dumps(config))
     assert main(["export", str(ckpt), str(tmp_path / "out"), "--quiet"]) == 0, capsys.readouterr().err
     assert (tmp_path / "out" / MANIFEST).is_file()
+
+
+def hub_snapshot(ckpt: Path, root: Path) -> Path:
+    """``ckpt`` laid out as Hugging Face's cache does: every file a link from snapshots/<rev>/ to blobs/."""
+    repo = root / "models--google--tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, path in enumerate(sorted(ckpt.iterdir())):
+        shutil.copyfile(path, blobs / f"blob{i}")
+        (snapshot / path.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    return snapshot
+
+
+def test_a_hugging_face_cache_snapshot_is_read_through_its_blob_links(ckpt, tmp_path) -> None:
+    from gemma4_onnx.exporter.checkpoint import Checkpoint
+
+    snapshot = hub_snapshot(ckpt, tmp_path / "hub")
+    checkpoint = Checkpoint.open(snapshot)
+    name = next(iter(checkpoint.entries))
+    assert checkpoint.tensor(name).equal(Checkpoint.open(ckpt).tensor(name))
+
+
+def test_a_snapshot_link_out_of_its_blobs_folder_is_refused(ckpt, tmp_path, capsys, sandbox) -> None:
+    snapshot = hub_snapshot(ckpt, tmp_path / "hub")
+    secret = sandbox.add("secret.json", b'{"SECRET-SENTINEL": 1}')
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(secret)
+    err = refused(["export", str(snapshot), str(tmp_path / "out"), "--quiet"], capsys, out=tmp_path / "out",
+                  sandbox=sandbox)
+    assert "config.json is a symbolic link" in err
