@@ -13,7 +13,6 @@ thread). Every failure is one line naming the template or the field."""
 
 import json
 import re
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -267,11 +266,13 @@ def _time_limit(seconds: float) -> Iterator[None]:
 def _memory_limit(extra: int) -> Iterator[None]:
     """At most ``extra`` more bytes of address space while the template renders: a huge allocation is then a
     MemoryError rather than the machine's memory. A backstop for what the checks above do not foresee."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     try:
-        with open("/proc/self/statm") as statm:
+        import resource  # POSIX only; elsewhere the checks above are the only limit
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm") as statm:  # Linux: the address space in use
             used = int(statm.read().split()[0]) * resource.getpagesize()
-    except (OSError, ValueError):
+    except (ImportError, OSError, ValueError):
         yield
         return
     limit = used + extra if hard == resource.RLIM_INFINITY else min(used + extra, hard)
