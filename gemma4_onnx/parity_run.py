@@ -22,6 +22,7 @@ from gemma4_onnx.multimodal_parity import multimodal_checks, multimodal_parity
 from gemma4_onnx.progress import progress
 from gemma4_onnx.runtime.blocks import run_block
 from gemma4_onnx.runtime.generate import prompt_ids
+from gemma4_onnx.runtime.margins import gate_margins
 from gemma4_onnx.runtime.parity import LogitStats, block_parity, greedy_match_steps, windows
 from gemma4_onnx.runtime.text_model import TextModel
 
@@ -132,6 +133,7 @@ def run_parity(model_dir: Path, checkpoint: Path, text_file: Path | None, steps:
                                     prompt_ids(tokenizer, model_dir, ""), media_steps))
     result["checks"] = fp32_checks(result) + multimodal_checks(result) if result["precision"] == "float32" else []
     result["passed"] = all(c["passed"] for c in result["checks"])
+    result["margins"] = gate_margins(result)  # each gate's value, threshold and distance to it
     return result
 
 

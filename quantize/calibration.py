@@ -30,6 +30,8 @@ from gemma4_onnx.runtime.package_files import graph_dir
 WINDOW = 512
 CARRIED = ("hidden_states_out", "published_key", "published_value")  # what a block hands on (``advance``)
 MAX_TOKENS = 16384
+MIN_ROUTED_PER_INPUT = 0.0  # an expert routed fewer tokens than this × its input width is rounded to nearest
+FEW_ROUTED_DAMPING = 0.0  # an expert's H diagonal grows by this × K / (its routed tokens) (docs/quantization.md)
 READ_CHUNK = 1 << 16  # bytes of calibration text read first (~16k tokens of code)
 TOKENS_MARGIN = 64  # tokens read past the limit, so the last kept ones are those of the whole file
 HEAD_WEIGHT = "model.language_model.embed_tokens.weight"
@@ -305,7 +307,9 @@ class ExpertHessians:
 
     def __init__(self, rows: np.ndarray, pair_row: np.ndarray, expert: np.ndarray, weight: np.ndarray) -> None:
         self.rows, self.pair_row, self.expert, self.weight = rows, pair_row, expert, weight
-        self.reached = sorted(int(e) for e in np.unique(expert[weight != 0]))
+        self.routed = np.bincount(expert[weight != 0], minlength=int(expert.max(initial=0)) + 1)
+        enough = MIN_ROUTED_PER_INPUT * rows.shape[-1]
+        self.reached = [int(e) for e in np.nonzero(self.routed)[0] if self.routed[e] >= enough]
 
     def __getitem__(self, experts: list[int]) -> np.ndarray:
         import torch
@@ -316,6 +320,9 @@ class ExpertHessians:
             pairs = np.nonzero(self.expert == expert)[0]
             x = torch.from_numpy(self.rows[self.pair_row[pairs]] * self.weight[pairs, None])
             torch.mm(x.T, x, out=torch.from_numpy(out[i]))
+            if FEW_ROUTED_DAMPING:  # an expert that saw few tokens: its H leans toward its own diagonal
+                h = out[i].reshape(-1)
+                h[::k + 1] *= 1 + FEW_ROUTED_DAMPING * k / max(int(self.routed[expert]), 1)
         return out
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 LEAF_COLUMNS = 32  # columns updated one at a time (``gptq``): 32 was fastest of 32, 64 and 128
 DAMPING = 0.01
+ACT_ORDER = False  # columns by decreasing H diagonal, ranges fixed per block beforehand (docs/quantization.md)
 SHRINK_GRID = np.linspace(1.0, 0.8, 21)
 ERROR_NORM = 2.4
 GRID_CHUNK_VALUES = 1 << 19  # trial values per step of the range search: 2 MB temporaries (gemma4_onnx.memory)
@@ -62,8 +63,8 @@ def _group_params(columns: "torch.Tensor", top: int, symmetric: bool) -> tuple["
     return best_scale, best_zero
 
 
-def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
-         symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool,
+         act_order: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """W [..., N, K] (rows are outputs), H [..., K, K] → codes [..., N, K'], scales and zero points
     [..., N, K'/block], with K padded to K' (a multiple of ``block``) by zero columns, as MatMulNBits pads.
     Leading axes are independent problems (the experts of a MoE layer), solved together.
@@ -75,22 +76,37 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     w_g + s_g·U_gg with s = Σ_{i<c} d_i·R_i, where U_gg = R_gg⁻¹ is only ``block`` wide. The sums s are
     blocked recursively: the first half of the columns is solved, its errors reach the second half in one
     matrix product, then the second half is solved, down to ``LEAF_COLUMNS`` columns updated one at a
-    time. W is held transposed, so a column is a contiguous row."""
+    time. W is held transposed, so a column is a contiguous row.
+
+    With ``act_order`` (default ``ACT_ORDER``) the columns are solved in decreasing order of H's diagonal
+    (the inputs of largest energy first, while the most columns are left to absorb their errors), and
+    each block's range is chosen beforehand on the weights as given ("static groups"): MatMulNBits'
+    blocks are contiguous in K, so a block's columns are no longer solved together."""
     import torch
 
+    act_order = ACT_ORDER if act_order is None else act_order
     pad = -weight.shape[-1] % block
     w_np = weight.astype(np.float32, copy=False)
     if pad:
         w_np = np.pad(w_np, [(0, 0)] * (weight.ndim - 1) + [(0, pad)])
     top = (1 << bits) - 1
-    factor, dead = _factor(hessian, pad)
+    factor, dead, order = _factor(hessian, pad, act_order)
     if dead.any():
         w_np = np.where(dead[..., None, :], 0.0, w_np)
+    static = None
+    if order is not None:
+        groups = torch.from_numpy(np.ascontiguousarray(w_np, dtype=np.float32))
+        static = _group_params(groups.reshape(*groups.shape[:-1], -1, block), top, symmetric)  # [..., N, K/block]
+        w_np = np.take_along_axis(w_np, order[..., None, :], axis=-1)
     w_t = torch.from_numpy(np.ascontiguousarray(np.swapaxes(w_np, -1, -2), dtype=np.float32))  # [..., K, N]
     solver = _Solver(w_t, torch.from_numpy(factor), top, block, symmetric)
+    if static is not None and order is not None:
+        solver.fix_ranges(static, torch.from_numpy(order // block))
     solver.solve(0, w_t.shape[-2])
-    return (solver.codes.transpose(-1, -2).numpy(), solver.scales.numpy().astype(np.float64),
-            solver.zeros.numpy().astype(np.float64))
+    codes = solver.codes.transpose(-1, -2).numpy()
+    if order is not None:
+        codes = np.take_along_axis(codes, np.argsort(order, axis=-1)[..., None, :], axis=-1)
+    return codes, solver.scales.numpy().astype(np.float64), solver.zeros.numpy().astype(np.float64)
 
 
 class _Solver:
@@ -105,6 +121,12 @@ class _Solver:
         self.zeros = torch.zeros_like(self.scales)
         self.sums = torch.zeros_like(w_t)  # s: Σ d_i·R_ij over the columns i whose errors have reached j
         self.errors = torch.empty_like(w_t)  # d = w − q
+        self.group_of: torch.Tensor | None = None  # with fixed ranges: the block of each (permuted) column
+
+    def fix_ranges(self, ranges: tuple["torch.Tensor", "torch.Tensor"], group_of: "torch.Tensor") -> None:
+        """Scales and zero points [..., N, K/block] chosen beforehand; ``group_of`` [..., K]: column → block."""
+        self.scales[...], self.zeros[...] = ranges
+        self.group_of = group_of
 
     def solve(self, start: int, end: int) -> None:
         if end - start <= self.leaf:
@@ -127,7 +149,10 @@ class _Solver:
         diagonal = r1.diagonal(dim1=-2, dim2=-1)
         for i in range(end - start):
             column = start + i
-            if column % self.block == 0:
+            if self.group_of is not None:
+                index = self.group_of[..., column, None, None].expand(*self.scales.shape[:-1], 1)
+                scale, zero = self.scales.gather(-1, index)[..., 0], self.zeros.gather(-1, index)[..., 0]
+            elif column % self.block == 0:
                 g = slice(i, i + self.block)
                 # U_ggᵀ·s_g = R_ggᵀ⁻¹·s_g, by one lower-triangular solve
                 group = w1[..., g, :] + torch.linalg.solve_triangular(r1[..., g, g].transpose(-1, -2), s1[..., g, :],
@@ -144,7 +169,8 @@ class _Solver:
                 s1[..., i + 1:, :] += r1[..., i, i + 1:, None] * error[..., None, :]
 
 
-_reused: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] | None = None  # in ``reused_factors``: (H, pad, R, dead)
+_reused: list[tuple[np.ndarray, int, bool, np.ndarray, np.ndarray, np.ndarray | None]] | None = None
+# in ``reused_factors``: (H, pad, act_order, R, dead, order)
 
 
 @contextlib.contextmanager
@@ -159,20 +185,37 @@ def reused_factors() -> Iterator[None]:
         _reused = None
 
 
-def _factor(hessian: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """``_reversed_cholesky`` of the damped H, and the columns no calibration row reached (zero diagonal)."""
-    if _reused and _reused[0][0] is hessian and _reused[0][1] == pad:
-        return _reused[0][2], _reused[0][3]
+def _factor(hessian: np.ndarray, pad: int,
+            act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``_reversed_cholesky`` of the damped H, the columns no calibration row reached (zero diagonal), and
+    with ``act_order`` the column order [..., K'] (by decreasing diagonal; R is then of the permuted H)."""
+    if _reused and _reused[0][0] is hessian and _reused[0][1:3] == (pad, act_order):
+        return _reused[0][3], _reused[0][4], _reused[0][5]
     diagonal = np.pad(np.diagonal(hessian, axis1=-2, axis2=-1), [(0, 0)] * (hessian.ndim - 2) + [(0, pad)])
     dead = diagonal == 0
+    order = np.argsort(-diagonal, axis=-1, kind="stable") if act_order else None
     diagonal = np.where(dead, 1.0, diagonal)
     diagonal += DAMPING * diagonal.mean(axis=-1, keepdims=True)
     if _reused is not None:
         _reused.clear()  # the previous factor goes before the next is made
-    factor = _reversed_cholesky(hessian, diagonal, pad)
+    if order is not None:
+        diagonal = np.take_along_axis(diagonal, order, axis=-1)
+        factor = _reversed_cholesky(_permuted(hessian, order, pad), diagonal, 0)
+    else:
+        factor = _reversed_cholesky(hessian, diagonal, pad)
     if _reused is not None:
-        _reused.append((hessian, pad, factor, dead))
-    return factor, dead
+        _reused.append((hessian, pad, act_order, factor, dead, order))
+    return factor, dead, order
+
+
+def _permuted(hessian: np.ndarray, order: np.ndarray, pad: int) -> np.ndarray:
+    """H padded to K' and permuted, H[..., order, order], as a new writable float32 array."""
+    k = hessian.shape[-1] + pad
+    out = np.zeros((*hessian.shape[:-2], k, k), np.float32)
+    out[..., :hessian.shape[-1], :hessian.shape[-1]] = hessian
+    for index in np.ndindex(hessian.shape[:-2]):
+        out[index] = out[index][order[index]][:, order[index]]
+    return out
 
 
 def _reversed_cholesky(hessian: np.ndarray, diagonal: np.ndarray, pad: int) -> np.ndarray:

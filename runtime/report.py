@@ -12,6 +12,7 @@ from typing import Any
 
 from gemma4_onnx.atomic import check_disjoint, publish_dir
 from gemma4_onnx.errors import UsageError
+from gemma4_onnx.runtime.margins import THIN, gate_margins, status
 from gemma4_onnx.schema import SchemaError, list_of, nullable, number, record, string
 
 MAX_PARITY_BYTES = 64 << 20
@@ -65,12 +66,29 @@ def _row(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+MARGIN_HEADER = ("run", "gate", "value", "threshold", "margin", "left", "status")
+
+
+def _margin_rows(runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Each run's gates (``margins.gate_margins``): value, threshold, distance to it, share of it left."""
+    rows = []
+    for run in runs:
+        for m in gate_margins(run):
+            rows.append((run["label"], f"{m['gate']} {m['direction']}", f"{m['value']:.4g}",
+                         f"{m['threshold']:.4g}", f"{m['margin']:+.3g}", f"{100 * m['left']:.0f} %", status(m)))
+    return rows
+
+
 def markdown(runs: list[dict[str, Any]]) -> str:
     rows = [_row(r) for r in runs]
     header = list(rows[0])
     lines = ["# Parity report", "", f"Checkpoint: `{runs[0].get('checkpoint', '?')}`", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    if margins := _margin_rows(runs):
+        lines += ["", f"## Gates and margins (thin: less than {THIN:.0%} of the gate left)", "",
+                  "| " + " | ".join(MARGIN_HEADER) + " |", "|" + "---|" * len(MARGIN_HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in margins]
     lines += ["", "## Per-layer cosine (block output vs transformers, reference inputs)", "",
               "| layer | " + " | ".join(r["label"] for r in runs) + " |", "|" + "---|" * (len(runs) + 1)]
     for i, block in enumerate(runs[0]["blocks"]):
@@ -133,6 +151,11 @@ def html_report(runs: list[dict[str, Any]]) -> str:
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{html.escape(str(r[h]))}</td>" for h in header) + "</tr>"
                      for r in rows) + "</table>"
+    if margins := _margin_rows(runs):
+        table += (f"<h2>Gates and margins (thin: less than {THIN:.0%} of the gate left)</h2><table><tr>"
+                  + "".join(f"<th>{html.escape(h)}</th>" for h in MARGIN_HEADER) + "</tr>"
+                  + "".join(f"<tr class='{html.escape(row[-1])}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in row)
+                            + "</tr>" for row in margins) + "</table>")
     depth = _line_chart("Per-layer cosine along depth (1 = identical to transformers)",
                         [(r["label"], [b["cosine"] for b in r["blocks"]]) for r in runs], "decoder layer")
     texts = [(r["label"], r["text"]) for r in runs if r.get("text")]  # block-only runs have no text section
@@ -148,7 +171,8 @@ def html_report(runs: list[dict[str, Any]]) -> str:
     size_chart = _bar_chart("Package size (PLE file shown apart)", sizes, "MB")
     body = "".join(f"<section>{chart}</section>" for chart in (depth, kl, top1, bpb, size_chart))
     style = ("body{font-family:sans-serif;margin:2em;max-width:900px}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}section{margin:1.5em 0}")
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}section{margin:1.5em 0}"
+             "tr.thin td{background:#fff3cd}tr.FAILED td{background:#f8d7da}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>gemma4-onnx parity report</title>"
             f"<style>{style}</style></head><body><h1>Parity report</h1>"
             f"<p>Checkpoint: <code>{html.escape(str(runs[0].get('checkpoint', '?')))}</code></p>{table}{body}"
