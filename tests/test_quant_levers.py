@@ -107,6 +107,7 @@ def test_sensitivity_at_the_output_is_the_decoders_kl_with_that_tensor_rounded(e
     manifest, tensors = read_manifest(package), PackageTensors(package)
     monkeypatch.setattr(sensitivity, "TOKENS", 48)
     monkeypatch.setattr(sensitivity, "OTHER_BLOCKS", ())
+    monkeypatch.setattr(sensitivity, "MEASURE_AT", "output")
     names = ["model.language_model.layers.1.self_attn.k_proj.weight",  # a KV producer that later layers reuse
              "model.language_model.layers.6.mlp.down_proj.weight"]
     entries = []
