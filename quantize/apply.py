@@ -280,7 +280,7 @@ class Quantizer:
 
     def _gather(self, graph: _Graph, gather: onnx.NodeProto, tensor: onnx.TensorProto) -> None:
         """GatherBlockQuantized reads the MatMulNBits bytes as [V, H'] 4- or 8-bit elements, H' the width
-        padded to whole blocks; padding is sliced off its output (``plan.fitted``)."""
+        padded to whole blocks; padding is sliced off its output (``plan.padding_notes``)."""
         (packed, scales, zero_points), decision = self._quantized(tensor.name)
         rows, width = (int(d) for d in tensor.dims)
         blocks = -(-width // decision.block_size)

@@ -107,6 +107,8 @@ class QuantizeJob:
         self.geometry = text_geometry(manifest["text_config"])
         self.files = graph_files(manifest)
         self.plan = resolve(self.recipe, _initializer_shapes(root, self.files), self.geometry)
+        if self.asked_budget and self.recipe.budget_bits is not None:  # below the rules' own bits: refused here,
+            spend(self.plan, {}, self.recipe.budget_bits)  # before the sensitivities are measured
 
     def publish(self, out_dir: Path, force: bool, float_bytes: int, provenance: dict[str, Any],
                 remember: bool = False, resume_key: str | None = None, checked: Checked | None = None) -> Path:

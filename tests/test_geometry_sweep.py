@@ -18,6 +18,7 @@ import pytest
 
 from gemma4_onnx import tolerances
 from gemma4_onnx.builtin_text import BUILTIN_TEXT
+from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.geometry import text_geometry
 from gemma4_onnx.exporter.init_checkpoint import init_checkpoint_from_config
 from gemma4_onnx.exporter.package import export_package
@@ -175,9 +176,16 @@ def _logit_cosine(package: Path, reference: Path) -> float:
 
 @pytest.mark.parametrize("recipe", BUILTIN)
 @pytest.mark.parametrize("name", NAMES)
-def test_geometry_quantizes_with_every_recipe(name: str, recipe: str, sweep, tmp_path: Path) -> None:
+def test_geometry_quantizes_with_every_recipe(name: str, recipe: str, sweep, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     _, fp32, _ = sweep(name)
     budget = _budget(fp32) if recipe == "auto" else None
+    if budget is not None and budget > AUTO_BUDGET:  # 4.9 cannot be met here: refused in one line, before any work
+        with monkeypatch.context() as patched:
+            patched.setattr("gemma4_onnx.quantize.job.sensitivities", None)  # measuring them would fail
+            with pytest.raises(UsageError, match=f"--budget-bits {AUTO_BUDGET:g} is below this recipe's own"):
+                quantize_package(fp32, tmp_path / "refused", recipe, budget_bits=AUTO_BUDGET)
+        assert not (tmp_path / "refused").exists()
     package = quantize_package(fp32, tmp_path / recipe, recipe, budget_bits=budget,
                                calibration_tokens=CALIBRATION_TOKENS)
     geometry = text_geometry(geometry_config(name))
