@@ -112,8 +112,8 @@ def generate(directory: Path, prompt: str, max_new_tokens: int, stream: bool = T
     manifest, _ = open_package(directory)  # the gate, before any file of the package is read
     text = PackageText.read(directory, manifest)
     bos, prompt = chat_prompt(text, prompt, raw)
-    multimodal = MultimodalModel(directory) if images or audio else None
-    model = multimodal.text if multimodal else TextModel(directory)
+    multimodal = MultimodalModel(directory, checked_manifest=manifest) if images or audio else None
+    model = multimodal.text if multimodal else TextModel(directory, checked_manifest=manifest)
     if multimodal:
         cache, logits, max_new_tokens = _media_prefill(multimodal, text.tokenizer, prompt, bos, list(images),
                                                        list(audio), image_budget, max_new_tokens)

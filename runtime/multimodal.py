@@ -122,8 +122,9 @@ class Encoders:
 class MultimodalModel(Encoders):
     """A package's text model plus its encoders."""
 
-    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
-        self.text = TextModel(directory, threads)
+    def __init__(self, directory: str | Path, threads: int | None = None,
+                 checked_manifest: dict[str, Any] | None = None) -> None:
+        self.text = TextModel(directory, threads, checked_manifest=checked_manifest)
         super().__init__(directory, self.text.manifest["graphs"], threads)
         self.token_ids: dict[str, int] = self.text.manifest.get("token_ids") or {}
 

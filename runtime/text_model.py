@@ -38,10 +38,16 @@ class Cache:
 
 
 class TextModel:
-    def __init__(self, directory: str | Path, threads: int | None = None, profile_prefix: str | None = None) -> None:
+    def __init__(self, directory: str | Path, threads: int | None = None, profile_prefix: str | None = None,
+                 checked_manifest: dict[str, Any] | None = None) -> None:
+        """``checked_manifest``: the manifest ``open_package`` returned for ``directory`` (the package passed
+        the gate already); without it the gate runs here."""
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        check_files_present(self.directory, self.manifest)
+        if checked_manifest is None:
+            self.manifest = read_manifest(self.directory)
+            check_files_present(self.directory, self.manifest)
+        else:
+            self.manifest = checked_manifest
         providers = ["CPUExecutionProvider"]
         self.embed = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["embed"]["file"]),
                                           session_options(threads, profile_prefix and profile_prefix + "embed"),
