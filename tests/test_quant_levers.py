@@ -81,6 +81,7 @@ def test_experts_with_few_routed_tokens_fall_back(monkeypatch) -> None:
     expert = np.array([0] * 20 + [1] * 8 + [2] * 2)
     weight = np.ones(30, np.float32)
     monkeypatch.setattr(calibration, "MIN_ROUTED_PER_INPUT", 1.0)  # at least K = 4 tokens
+    monkeypatch.setattr(calibration, "FEW_ROUTED_DAMPING", 0.0)
     statistics = calibration.ExpertHessians(rows, np.arange(30), expert, weight)
     assert statistics.reached == [0, 1] and list(statistics.routed) == [20, 8, 2]
     plain = statistics[[0, 1]]
