@@ -23,8 +23,14 @@ def gate_kind(result: dict[str, Any]) -> str | None:
     quantization = result.get("quantization")
     if not isinstance(quantization, dict):
         return None
-    bits = (result.get("size") or {}).get("avg_bits_per_linear_weight")
-    return "int8" if quantization.get("recipe") == "int8" or (_number(bits) and bits >= 8) else "int4"
+    bits = _bits(result)
+    return "int8" if quantization.get("recipe") == "int8" or (bits is not None and bits >= 8) else "int4"
+
+
+def _bits(result: dict[str, Any]) -> float | None:
+    """Stored bits per linear weight, where the run states a number."""
+    bits: Any = (result.get("size") or {}).get("avg_bits_per_linear_weight")
+    return float(bits) if _number(bits) else None
 
 
 def _number(value: Any) -> bool:
@@ -67,8 +73,8 @@ def gate_margins(result: dict[str, Any]) -> list[dict[str, Any]]:
         increase = text["bits_per_byte_onnx"] / text["bits_per_byte_reference"] - 1
         gate = gates["bits_per_byte_increase"]
         out.append(margin("text.bits_per_byte_increase", increase, gate, True, gate))
-    bits = (result.get("size") or {}).get("avg_bits_per_linear_weight")
-    if "avg_bits_per_linear_weight" in gates and _number(bits):
+    bits = _bits(result)
+    if "avg_bits_per_linear_weight" in gates and bits is not None:
         limit = gates["avg_bits_per_linear_weight"]
         out.append(margin("size.avg_bits_per_linear_weight", bits, limit, True, limit, measured=False))
     return out
