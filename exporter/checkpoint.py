@@ -6,7 +6,6 @@ a time through memory-mapped safetensors when a block needs them. The released E
 carry k/v projections for KV-shared layers that the reference drops: they are ignored here too.
 """
 
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -19,8 +18,9 @@ from gemma4_onnx.errors import CheckpointError, ConfigError, PackageError
 from gemma4_onnx.exporter.config_schema import shown, shown_value, validate_config
 from gemma4_onnx.exporter.geometry import TextGeometry, text_geometry
 from gemma4_onnx.exporter.hf_model import expected_tensors, ignorable_tensors
-from gemma4_onnx.exporter.safetensors_io import DTYPES, DuplicateKeyError, TensorEntry, read_header, unique_keys
+from gemma4_onnx.exporter.safetensors_io import DTYPES, TensorEntry, read_header, unique_keys
 from gemma4_onnx.runtime.package_files import SIDE_FILES, contained_file, safe_relative
+from gemma4_onnx.schema import loads_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -100,8 +100,8 @@ def _read_json(directory: Path, name: str, what: str) -> Any:
     if len(raw) > MAX_JSON_BYTES:
         raise ValueError(f"more than {MAX_JSON_BYTES} bytes")
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, DuplicateKeyError) as exc:
+        return loads_json(raw, object_pairs_hook=unique_keys)
+    except ValueError as exc:
         raise ValueError(str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__) from None
 
 

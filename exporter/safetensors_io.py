@@ -19,6 +19,7 @@ import torch
 
 from gemma4_onnx.errors import CheckpointError
 from gemma4_onnx.exporter.config_schema import shown, shown_value
+from gemma4_onnx.schema import loads_json
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -133,11 +134,12 @@ def read_header(path: Path, f: BinaryIO | None = None) -> dict[str, TensorEntry]
     except OSError as exc:
         raise CheckpointError(f"{path.name}: cannot read: {exc.strerror}") from None
     try:
-        header = json.loads(raw, object_pairs_hook=unique_keys)
+        header = loads_json(raw, object_pairs_hook=unique_keys)
     except DuplicateKeyError as exc:
         raise CheckpointError(f"{path.name}: corrupt safetensors header ({exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+    except ValueError as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON: {reason})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: corrupt safetensors header (not an object)")
     try:

@@ -2,7 +2,9 @@
 (generate, verify, mobile) never load torch or transformers."""
 
 import argparse
+import errno
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -15,6 +17,9 @@ from gemma4_onnx.memory import return_freed_memory
 from gemma4_onnx.progress import say, set_quiet
 
 Handler = Callable[[argparse.Namespace], int]
+# What the filesystem answers for a path the user gave that cannot be used: one line, exit 2.
+INPUT_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                errno.EROFS, errno.ENOENT, errno.ENXIO)
 
 
 def cmd_variants(args: argparse.Namespace) -> int:
@@ -287,6 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        if type(exc).__module__.startswith("onnxruntime"):
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            print(f"gemma4-onnx {args.verb}: error: onnxruntime cannot run this package ({type(exc).__name__}: "
+                  f"{first}); `gemma4-onnx verify` checks it", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and exc.errno in INPUT_ERRNOS:
+            where = f": {os.fsdecode(exc.filename)[:300]!r}" if exc.filename is not None else ""
+            print(f"gemma4-onnx {args.verb}: error: {exc.strerror}{where}", file=sys.stderr)
+            return 2
         print(f"gemma4-onnx {args.verb}: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
               file=sys.stderr)
         return 1

@@ -79,9 +79,9 @@ def run_parity(model_dir: Path, checkpoint: Path, text_file: Path | None, steps:
     reference = Reference(str(checkpoint))
     tokenizer = load_tokenizer(model_dir)
     if text_file is not None:
-        if not text_file.is_file():
-            raise UsageError(f"--text {text_file} does not exist")
-        text = text_file.read_text(encoding="utf-8", errors="replace")
+        from gemma4_onnx.quantize.calibration import text_prefix
+
+        text = text_prefix(text_file, tokenizer, EVAL_TOKENS, "--text")
     else:
         text = BUILTIN_TEXT
     tokens = encode(tokenizer, text)

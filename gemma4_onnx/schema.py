@@ -2,11 +2,28 @@
 (manifests, configs, recipes): a schema is a function ``check(value, where)`` that raises ``SchemaError``
 naming the field's path and the problem, built from the few constructors below."""
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 Check = Callable[[Any, str], None]
+MAX_INT_DIGITS = 32  # no field of any document here needs more; Python refuses to parse ints past 4300
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS + 1:
+        raise ValueError(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def loads_json(data: str | bytes, **options: Any) -> Any:
+    """``json.loads`` for a document from outside: integers of at most ``MAX_INT_DIGITS`` digits, and every
+    failure (bad UTF-8, bad JSON, a huge integer, too deep a nesting) a ``ValueError``."""
+    try:
+        return json.loads(data, parse_int=_bounded_int, **options)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 class SchemaError(ValueError):

@@ -22,6 +22,7 @@ from gemma4_onnx.schema import (
     either,
     integer,
     list_of,
+    loads_json,
     mapping_of,
     nullable,
     record,
@@ -129,8 +130,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
         raw = f.read(MAX_MANIFEST_BYTES + 1)
     try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        manifest = loads_json(raw)
+    except ValueError as exc:
         raise UsageError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UsageError(f"{path}: not a {FORMAT} manifest")

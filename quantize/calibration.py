@@ -62,16 +62,17 @@ def calibration_tokens(package: Path, text: str, limit: int = MAX_TOKENS) -> lis
     return list(tokenizer.encode(text, add_special_tokens=False).ids)[:limit]
 
 
-def check_calibration_file(path: Path) -> None:
-    """``--calibration``: an existing regular file (a directory or a pipe is refused before any work)."""
+def check_calibration_file(path: Path, option: str = "--calibration") -> None:
+    """A text file given as ``option``: an existing regular file (a directory or a pipe is refused before any
+    work)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise UsageError(f"--calibration {path} does not exist") from None
+        raise UsageError(f"{option} {path} does not exist") from None
     except OSError as exc:
-        raise UsageError(f"--calibration {path} cannot be read ({exc.strerror})") from None
+        raise UsageError(f"{option} {path} cannot be read ({exc.strerror})") from None
     if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"--calibration {path} is not a regular file")
+        raise UsageError(f"{option} {path} is not a regular file")
 
 
 def calibration_file_text(path: Path, package: Path, limit: int) -> str:
@@ -82,30 +83,35 @@ def calibration_file_text(path: Path, package: Path, limit: int) -> str:
     replacement characters."""
     from tokenizers import Tokenizer
 
-    check_calibration_file(path)
-    tokenizer = Tokenizer.from_file(str(package / "tokenizer.json"))
+    return text_prefix(path, Tokenizer.from_file(str(package / "tokenizer.json")), limit)
+
+
+def text_prefix(path: Path, tokenizer: Any, limit: int, option: str = "--calibration") -> str:
+    """``calibration_file_text`` with a loaded tokenizer, for any text file a verb takes as ``option``."""
+    check_calibration_file(path, option)
     decoder = codecs.getincrementaldecoder("utf-8")()
     text, offset, chunk = "", 0, READ_CHUNK
     try:
         with path.open("rb") as f:
             while data := f.read(chunk):
-                text += _decoded(decoder, data, offset, path)
+                text += _decoded(decoder, data, offset, path, option)
                 offset += len(data)
                 if len(tokenizer.encode(text, add_special_tokens=False).ids) >= limit + TOKENS_MARGIN:
                     return text
                 chunk = max(chunk, offset)  # the text read doubles each time: tokenizing costs ≤ 2x the text kept
     except OSError as exc:
-        raise UsageError(f"--calibration {path} cannot be read ({exc.strerror})") from None
-    return text + _decoded(decoder, b"", offset, path, final=True)
+        raise UsageError(f"{option} {path} cannot be read ({exc.strerror})") from None
+    return text + _decoded(decoder, b"", offset, path, option, final=True)
 
 
-def _decoded(decoder: codecs.IncrementalDecoder, data: bytes, offset: int, path: Path, final: bool = False) -> str:
+def _decoded(decoder: codecs.IncrementalDecoder, data: bytes, offset: int, path: Path, option: str,
+             final: bool = False) -> str:
     """``data`` (at byte ``offset`` of the file) decoded after what the decoder holds of a split character."""
     pending = len(decoder.getstate()[0])
     try:
         return decoder.decode(data, final)
     except UnicodeDecodeError as exc:
-        raise UsageError(f"--calibration {path} is not UTF-8 text (undecodable byte at offset "
+        raise UsageError(f"{option} {path} is not UTF-8 text (undecodable byte at offset "
                          f"{offset - pending + exc.start}); convert it, e.g. with iconv") from None
 
 

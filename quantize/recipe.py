@@ -35,6 +35,7 @@ recipe, the rule and the key. Layer ranges are kept as ranges (``0-4000000000`` 
 
 import os
 import re
+import re._parser as re_parser
 import stat
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -159,6 +160,35 @@ def _shown(value: Any) -> str:
     return f"{kind} {text[:40] + '…' if len(text) > 40 else text}"
 
 
+REPEATS = (re_parser.MAX_REPEAT, re_parser.MIN_REPEAT, re_parser.POSSESSIVE_REPEAT)
+
+
+def _backtracking(items: Any, inside_repeat: bool) -> str | None:
+    """What in a parsed regular expression can backtrack exponentially: a repetition or an alternation
+    inside a repetition, or a backreference; None when there is none."""
+    for op, value in items:
+        if op == re_parser.GROUPREF:
+            return "has a backreference"
+        if op in REPEATS:
+            _, high, body = value
+            repeated = high > 1
+            if repeated and inside_repeat:
+                return "repeats a repetition"
+            if found := _backtracking(body, inside_repeat or repeated):
+                return found
+        elif op == re_parser.BRANCH:
+            if inside_repeat:
+                return "repeats an alternation"
+            for branch in value[1]:
+                if found := _backtracking(branch, inside_repeat):
+                    return found
+        elif op in (re_parser.SUBPATTERN, re_parser.ATOMIC_GROUP, re_parser.ASSERT, re_parser.ASSERT_NOT):
+            body = value[-1]
+            if found := _backtracking(body, inside_repeat):
+                return found
+    return None
+
+
 LAYER_SPAN = re.compile(r"\s*(\d{1,10})\s*(?:-\s*(\d{1,10})\s*)?")
 
 
@@ -208,8 +238,12 @@ def _rule(recipe: str, index: int, table: Any) -> Rule:
     match = _text(recipe, where, "match", table["match"])
     try:
         pattern = re.compile(match)
+        backtracking = _backtracking(re_parser.parse(match).data, inside_repeat=False)
     except (re.error, RecursionError, OverflowError) as exc:
         raise _fail(recipe, where, f"bad regular expression {match[:60]!r} ({exc})") from None
+    if backtracking:
+        raise _fail(recipe, where, f"regular expression {match[:60]!r} {backtracking}, which can take exponential "
+                                   "time (Python's re has no time limit): write it without")
     types = table.get("layer_types")
     if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)
                               or set(types) - set(LAYER_TYPES)):
@@ -231,7 +265,7 @@ def parse_recipe(name: str, text: str, source: str | None = None) -> Recipe:
     label = source or name
     try:
         data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, and an integer of more than 4300 digits
         raise UsageError(f"recipe {label}: not valid TOML ({str(exc)[:200]})") from None
     if unknown := sorted(set(data) - set(TOP_KEYS)):
         raise _fail(label, "top level", f"unknown key(s) {_keys(unknown)}")

@@ -11,7 +11,6 @@ rendered in jinja2's immutable sandbox with limits on what it may do: no ``inclu
 checked on every line the render runs (a trace function of this thread: no signals, so it works in any
 thread). Every failure is one line naming the template or the field."""
 
-import json
 import re
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 from gemma4_onnx.errors import PackageError, UsageError
 from gemma4_onnx.runtime.package_files import read_side_file
+from gemma4_onnx.schema import loads_json
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -73,8 +73,8 @@ def tokenizer_config(directory: Path, manifest: dict[str, Any]) -> dict[str, Any
     if text is None:
         return {}
     try:
-        config = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        config = loads_json(text)
+    except ValueError as exc:
         raise _fail(directory, f"{TOKENIZER_CONFIG} is not valid JSON ({_one_line(str(exc), 120)})") from None
     if problem := tokenizer_config_problem(config):
         raise _fail(directory, f"{TOKENIZER_CONFIG}: {problem}")
@@ -208,6 +208,17 @@ def _bounded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
     return bounded
 
 
+def _bounded_format(format_filter: Callable[..., str]) -> Callable[..., str]:
+    """The ``format`` filter (``'%9d'|format(1)``), refused by its widths before it allocates."""
+    @wraps(format_filter)
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> str:
+        if isinstance(value, str) and any(int(width) > MAX_ARGUMENT for width in _digit_runs(value)):
+            raise _Limit(f"formats with a width above {MAX_ARGUMENT}")
+        _check_arguments(args, kwargs)
+        return _check_size(format_filter(value, *args, **kwargs))
+    return bounded
+
+
 def _environment() -> Any:
     from jinja2.compiler import CodeGenerator, Frame
     from jinja2.nodes import Concat
@@ -239,6 +250,7 @@ def _environment() -> Any:
             return _check_size(text)
 
     environment = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["format"] = _bounded_format(environment.filters["format"])
     environment.filters = {name: _bounded_filter(f) for name, f in environment.filters.items()}
     environment.globals["range"] = bounded_range
     return environment

@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,6 +26,10 @@ PRODUCER = "gemma4-onnx"
 TOKENIZER = "tokenizer.json"
 # What a package carries of its checkpoint besides weights (the chat template only where the checkpoint has one)
 SIDE_FILES = ("config.json", "generation_config.json", TOKENIZER, "tokenizer_config.json", "chat_template.jinja")
+# Operator domains of every graph gemma4-onnx writes (model-local functions add their own).
+OP_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft", "ai.gemma4"})
+MAX_FUNCTIONS = 1024
+MAX_NAME_BYTES = 255  # of one path component: Linux's NAME_MAX
 MAX_DIMENSION = 1 << 31  # no Gemma 4 tensor or activation has an axis this long
 MAX_GRAPH_BYTES = (1 << 31) - 1  # protobuf's limit: weights of larger graphs must be external
 EXTERNAL_KEYS = {"location", "offset", "length", "checksum"}
@@ -100,6 +104,9 @@ def safe_relative(directory: Path, name: str, what: str) -> PurePosixPath:
     if (not name or not path.parts or "\0" in name or "\\" in name or path.is_absolute() or ".." in path.parts
             or name.startswith("~")):
         raise _fail(directory, f"{what} {name!r} escapes the package directory")
+    if any(len(os.fsencode(part)) > MAX_NAME_BYTES for part in path.parts):
+        raise _fail(directory, f"{what} {name[:60]!r}…: a name longer than {MAX_NAME_BYTES} bytes (no filesystem "
+                               "holds it)")
     return path
 
 
@@ -199,6 +206,8 @@ def check_external_tensor(directory: Path, graph_file: str, tensor: TensorProto,
     """One external-data reference: a listed, contained file, and bytes within it that fit the tensor."""
     entries = {e.key: e.value for e in tensor.external_data}
     where = f"{graph_file}: tensor {tensor.name}"
+    if len(entries) != len(tensor.external_data):
+        raise _fail(directory, f"{where}: an external-data key is given twice")
     if unknown := sorted(set(entries) - EXTERNAL_KEYS):
         raise _fail(directory, f"{where}: unknown external-data key(s) {', '.join(unknown)}")
     location = safe_relative(directory, entries.get("location", ""), f"{where}: external-data location")
@@ -224,6 +233,43 @@ def check_external_tensor(directory: Path, graph_file: str, tensor: TensorProto,
                                f"({info.st_size} bytes)")
 
 
+def _nodes(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+    """Every node, those of subgraphs (Loop and If bodies) included."""
+    for node in nodes:
+        yield node
+        for attribute in node.attribute:
+            for graph in [attribute.g] if attribute.type == AttributeProto.GRAPH else attribute.graphs:
+                yield from _nodes(graph.node)
+
+
+def call_problem(model: onnx.ModelProto) -> str | None:
+    """A node of a domain no gemma4-onnx graph uses (onnxruntime would load no kernel for it, or a custom
+    library), or a model-local function that calls itself: what is wrong, or None."""
+    if len(model.functions) > MAX_FUNCTIONS:
+        return f"{len(model.functions)} local functions (gemma4-onnx writes at most a few dozen)"
+    functions = {(f.domain, f.name): f for f in model.functions}
+    allowed = OP_DOMAINS | {domain for domain, _ in functions}
+    for node in _nodes(model.graph.node):
+        if node.domain not in allowed:
+            return f"node {node.name[:60]!r} is of domain {node.domain[:60]!r}, which gemma4-onnx never writes"
+    calls = {key: {(n.domain, n.op_type) for n in _nodes(f.node)} & set(functions) for key, f in functions.items()}
+    done: set[tuple[str, str]] = set()
+
+    def cycle(key: tuple[str, str], path: tuple[tuple[str, str], ...]) -> tuple[str, str] | None:
+        if key in path:
+            return key
+        if key in done:
+            return None
+        found = next((c for callee in calls[key] if (c := cycle(callee, (*path, key)))), None)
+        done.add(key)
+        return found
+
+    for key in functions:
+        if found := cycle(key, ()):
+            return f"function {found[0]}::{found[1][:60]} calls itself"
+    return None
+
+
 def check_graph(directory: Path, graph_file: str, manifest: dict[str, Any]) -> onnx.ModelProto:
     """Parse one graph without its data and check every external reference, dimension and its origin."""
     path = directory / graph_file
@@ -239,6 +285,8 @@ def check_graph(directory: Path, graph_file: str, manifest: dict[str, Any]) -> o
     if model.producer_name != PRODUCER:
         raise _fail(directory, f"graph {graph_file} was produced by {model.producer_name or 'an unnamed tool'!r}, "
                                f"not {PRODUCER}")
+    if problem := call_problem(model):
+        raise _fail(directory, f"graph {graph_file}: {problem}")
     if len(model.training_info):
         raise _fail(directory, f"graph {graph_file} carries training_info, which gemma4-onnx never writes (its "
                                "tensors are outside every check)")

@@ -6,14 +6,13 @@ KL and top-1 per run, bits per byte, and package size by file with the PLE file 
 """
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 from gemma4_onnx.atomic import check_disjoint, publish_dir
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.runtime.margins import THIN, gate_margins, status
-from gemma4_onnx.schema import SchemaError, list_of, nullable, number, record, string
+from gemma4_onnx.schema import SchemaError, list_of, loads_json, nullable, number, record, string
 
 MAX_PARITY_BYTES = 64 << 20
 FINITE = number(-1e300, 1e300)
@@ -38,12 +37,12 @@ def load_runs(directories: list[Path]) -> list[dict[str, Any]]:
         if not path.is_file():
             raise UsageError(f"{directory}: no parity.json (run gemma4-onnx parity --out {directory} first)")
         try:
-            result = json.loads(path.read_bytes()[:MAX_PARITY_BYTES + 1].decode("utf-8"))
+            result = loads_json(path.read_bytes()[:MAX_PARITY_BYTES + 1])
             PARITY(result, "")
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise UsageError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
         except SchemaError as exc:
             raise UsageError(f"{path}: not a gemma4-onnx parity report: {exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
         quantization = result.get("quantization") or {}
         result["label"] = quantization.get("recipe") or result.get("precision") or path.parent.name
         runs.append(result)

@@ -25,7 +25,9 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    options.log_severity_level = 3
+    # onnxruntime's own log lines would break the one-line error: its failures reach the user as exceptions
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)
     return options
 
 

@@ -6,6 +6,7 @@ nothing outside is read or written. The manifest fuzz mutates one field at a tim
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gemma4_onnx.cli import main
+from gemma4_onnx.errors import UsageError
 from gemma4_onnx.graphs.manifest import MANIFEST
 from gemma4_onnx.verify import verify_package
 
@@ -285,3 +287,122 @@ def test_a_graph_with_training_info_is_refused(workspace, tmp_path, capsys) -> N
         tensor.external_data.add(key="location", value="../outside.bin")
     edit_graph(package, "embed.onnx", change)
     assert_every_verb_refuses(package, tmp_path, sandbox, capsys, "embed.onnx carries training_info")
+
+
+# Found by an outside attacker after the tests above were written; each is one case here.
+LONG_NAME = "x" * 300
+
+
+def unknown_domain(model: onnx.ModelProto) -> None:
+    node = onnx.helper.make_node("Evil", ["input_ids"], ["evil_out"], domain="evil.domain")
+    model.graph.node.append(node)
+
+
+def recursive_function(model: onnx.ModelProto) -> None:
+    call = onnx.helper.make_node("Loop", ["x"], ["y"], domain="local")
+    model.functions.append(onnx.helper.make_function("local", "Loop", ["x"], ["y"], [call], []))
+    model.graph.node.append(onnx.helper.make_node("Loop", ["input_ids"], ["loop_out"], domain="local"))
+
+
+def duplicate_location(model: onnx.ModelProto) -> None:
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    tensor.external_data.insert(0, onnx.StringStringEntryProto(key="location", value="../outside.bin"))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (unknown_domain, "is of domain 'evil.domain', which gemma4-onnx never writes"),
+    (recursive_function, "function local::Loop calls itself"),
+    (duplicate_location, "an external-data key is given twice"),
+], ids=["unknown-domain", "recursive-function", "duplicate-location"])
+def test_graphs_onnxruntime_would_refuse_are_refused_by_the_gate(change, message, workspace, tmp_path,
+                                                                 capsys) -> None:
+    package, sandbox = workspace
+    edit_graph(package, "embed.onnx", change)
+    assert_every_verb_refuses(package, tmp_path, sandbox, capsys, message)
+
+
+def test_a_graph_that_fails_inside_onnxruntime_is_one_line(workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+
+    def huge_allocation(model: onnx.ModelProto) -> None:
+        shape = onnx.numpy_helper.from_array(np.array([1 << 30, 1 << 30], np.int64), "huge_shape")
+        model.graph.initializer.append(shape)
+        model.graph.node.append(onnx.helper.make_node("ConstantOfShape", ["huge_shape"], ["huge"]))
+        model.graph.output.append(onnx.helper.make_tensor_value_info("huge", onnx.TensorProto.FLOAT, None))
+    edit_graph(package, "embed.onnx", huge_allocation)
+    edit_manifest(package, lambda m: m["graphs"]["embed"]["outputs"].append(
+        {"name": "huge", "dtype": "float32", "shape": []}))
+    err = refused(["generate", str(package), "--prompt", "def f", "--max-new-tokens", "1", "--quiet"], capsys,
+                  sandbox=sandbox)
+    assert "onnxruntime cannot run this package" in err
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(extra=int("9" * 5000)),
+    lambda m: m["files"].update({LONG_NAME: {"bytes": 1, "sha256": "0" * 64}}),
+], ids=["integer-of-5000-digits", "name-of-300-bytes"])
+def test_values_past_python_and_filesystem_limits_are_one_line(change, workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+    manifest = json.loads((package / MANIFEST).read_text())
+    sys.set_int_max_str_digits(0)
+    try:
+        change(manifest)
+        (package / MANIFEST).write_text(json.dumps(manifest))
+    finally:
+        sys.set_int_max_str_digits(4300)
+    for argv, out in verbs(package, tmp_path)[:2]:
+        refused(argv, capsys, out=out, sandbox=sandbox)
+    assert main(["verify", str(package), "--quiet"]) == 1
+
+
+@pytest.mark.parametrize("verb", [["verify", "{long}"], ["report", "{long}", "--out", "{out}"],
+                                  ["generate", "{long}", "--prompt", "x"], ["export", "{long}", "{out}"],
+                                  ["quantize", "{long}", "{out}"], ["mobile", "{long}", "{out}"]])
+def test_a_path_argument_too_long_for_the_filesystem_is_one_line(verb, tmp_path, capsys) -> None:
+    names = {"long": str(tmp_path / LONG_NAME), "out": str(tmp_path / "out")}
+    argv = [a.format(**names) for a in verb]
+    code = main([*argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "internal error" not in err, err
+
+
+def test_report_reads_no_integer_python_cannot_convert(tmp_path, capsys) -> None:
+    document = json.loads(json.dumps(PARITY))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "parity.json").write_text(json.dumps(document)[:-1] + ', "huge": ' + "9" * 400 + "}")
+    code = main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "an integer of 400 digits" in err, err
+
+
+@pytest.mark.parametrize("text", ["bits = " + "9" * 5000, "[[rules]]\nname = 'r'\nmatch = '^([a-z_.0-9]+)*!$'\n",
+                                  "[[rules]]\nname = 'r'\nmatch = '(ab|a)+'\n",
+                                  "[[rules]]\nname = 'r'\nmatch = '(a)\\1'\n"],
+                         ids=["huge-integer", "nested-repeat", "repeated-alternation", "backreference"])
+def test_recipes_that_python_cannot_read_or_would_backtrack_for_ever_are_refused(text, tmp_path, capsys) -> None:
+    from gemma4_onnx.quantize.recipe import parse_recipe
+
+    with pytest.raises(UsageError) as raised:
+        parse_recipe("r", text if text.startswith("[") else "[default]\n" + text, "r.toml")
+    assert "\n" not in str(raised.value)
+
+
+def test_a_chat_template_format_width_is_refused_before_it_allocates() -> None:
+    from gemma4_onnx.runtime.chat_template import render
+
+    with pytest.raises(UsageError, match="formats with a width above"):
+        render("{{ '%2000000000d'|format(1) }}", {}, "x")
+    assert render("{{ '%3d'|format(7) }}", {}, "x") == "  7"
+
+
+def test_parity_reads_only_the_start_of_a_large_text(tmp_path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from gemma4_onnx.quantize.calibration import text_prefix
+
+    tokenizer = Tokenizer(models.WordLevel({"w": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "eval.txt"
+    path.write_bytes(b"w " * 200_000 + b"\xff\xfe not UTF-8 past the part read")
+    text = text_prefix(path, tokenizer, 4096, "--text")
+    assert 4096 <= len(text.split()) < 200_000
