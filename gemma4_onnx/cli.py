@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -273,10 +275,36 @@ def interrupt_on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
+WATCHER = "gemma4-onnx-exit-when-stuck"
+STUCK_SECONDS = 10.0  # after a signal, how long the main thread may stay in native code before the process exits
+
+
+def exit_when_stuck() -> None:
+    """Python runs a signal handler only when the main thread is back in the interpreter: inside onnxruntime
+    (a hostile graph's endless Loop) SIGTERM and Ctrl-C would never arrive. The C-level handler writes the
+    signal to a pipe; a watcher thread gives the handler ``STUCK_SECONDS``, then ends the process as the
+    signal would (a staging folder left behind is removed by the next command writing that output)."""
+    if any(t.name == WATCHER for t in threading.enumerate()) or threading.current_thread() is not \
+            threading.main_thread():
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+
+    def watch() -> None:
+        while (signum := os.read(read_end, 1)[0]) not in (signal.SIGTERM, signal.SIGINT):
+            pass
+        time.sleep(STUCK_SECONDS)
+        os._exit(128 + signum)
+
+    threading.Thread(target=watch, name=WATCHER, daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_quiet(args.quiet)
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+    exit_when_stuck()
     try:
         return int(args.handler(args))
     except Terminated:

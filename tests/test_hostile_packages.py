@@ -406,3 +406,48 @@ def test_parity_reads_only_the_start_of_a_large_text(tmp_path) -> None:
     path.write_bytes(b"w " * 200_000 + b"\xff\xfe not UTF-8 past the part read")
     text = text_prefix(path, tokenizer, 4096, "--text")
     assert 4096 <= len(text.split()) < 200_000
+
+
+STUCK = """
+import sys
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from gemma4_onnx import cli
+
+body = helper.make_graph([helper.make_node("Identity", ["cond"], ["cond_out"]),
+                         helper.make_node("Identity", ["v"], ["v_out"])], "body",
+                        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                         helper.make_tensor_value_info("v", TensorProto.INT64, [])],
+                        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                         helper.make_tensor_value_info("v_out", TensorProto.INT64, [])])
+loop = helper.make_node("Loop", ["trips", "", "trips"], ["out"], body=body)
+graph = helper.make_graph([loop], "endless", [helper.make_tensor_value_info("trips", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("out", TensorProto.INT64, [])])
+session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                               .SerializeToString())
+cli.STUCK_SECONDS = 1.0
+cli.signal.signal(cli.signal.SIGTERM, cli.interrupt_on_sigterm)
+cli.exit_when_stuck()
+print("running", flush=True)
+session.run(None, {"trips": np.array(1 << 62, np.int64)})
+"""
+
+
+def test_sigterm_ends_a_command_stuck_inside_onnxruntime(tmp_path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", STUCK], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline() == "running\n"
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    try:
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert code == 128 + signal.SIGTERM and time.monotonic() - start < 60
