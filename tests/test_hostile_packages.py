@@ -324,14 +324,16 @@ def test_graphs_onnxruntime_would_refuse_are_refused_by_the_gate(change, message
 def test_a_graph_that_fails_inside_onnxruntime_is_one_line(workspace, tmp_path, capsys) -> None:
     package, sandbox = workspace
 
-    def huge_allocation(model: onnx.ModelProto) -> None:
-        shape = onnx.numpy_helper.from_array(np.array([1 << 30, 1 << 30], np.int64), "huge_shape")
-        model.graph.initializer.append(shape)
-        model.graph.node.append(onnx.helper.make_node("ConstantOfShape", ["huge_shape"], ["huge"]))
-        model.graph.output.append(onnx.helper.make_tensor_value_info("huge", onnx.TensorProto.FLOAT, None))
+    def huge_allocation(model: onnx.ModelProto) -> None:  # inputs_embeds + sum(zeros([2^30, 2^30])): same signature
+        producer = next(n for n in model.graph.node if "inputs_embeds" in n.output)
+        producer.output[list(producer.output).index("inputs_embeds")] = "embeds_before"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1 << 30, 1 << 30], np.int64),
+                                                                    "huge_shape"))
+        model.graph.node.extend([
+            onnx.helper.make_node("ConstantOfShape", ["huge_shape"], ["huge"]),
+            onnx.helper.make_node("ReduceSum", ["huge"], ["huge_sum"], keepdims=0),
+            onnx.helper.make_node("Add", ["embeds_before", "huge_sum"], ["inputs_embeds"])])
     edit_graph(package, "embed.onnx", huge_allocation)
-    edit_manifest(package, lambda m: m["graphs"]["embed"]["outputs"].append(
-        {"name": "huge", "dtype": "float32", "shape": []}))
     err = refused(["generate", str(package), "--prompt", "def f", "--max-new-tokens", "1", "--quiet"], capsys,
                   sandbox=sandbox)
     assert "onnxruntime cannot run this package" in err
