@@ -11,8 +11,6 @@ The tied LM head's H comes from a last step through the decoder's head (final no
 """
 
 import codecs
-import os
-import stat
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from gemma4_onnx.quantize.experts import DOWN, GATE_UP, is_topk_moe
 from gemma4_onnx.quantize.float_tensors import FloatTensors
 from gemma4_onnx.quantize.graph_session import WeightFedSession, subgraph
 from gemma4_onnx.runtime.package_files import graph_dir
+from gemma4_onnx.user_files import regular_file
 
 WINDOW = 512
 CARRIED = ("hidden_states_out", "published_key", "published_value")  # what a block hands on (``advance``)
@@ -65,14 +64,7 @@ def calibration_tokens(package: Path, text: str, limit: int = MAX_TOKENS) -> lis
 def check_calibration_file(path: Path, option: str = "--calibration") -> None:
     """A text file given as ``option``: an existing regular file (a directory or a pipe is refused before any
     work)."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"{option} {path} does not exist") from None
-    except OSError as exc:
-        raise UsageError(f"{option} {path} cannot be read ({exc.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{option} {path} is not a regular file")
+    regular_file(path, option)
 
 
 def calibration_file_text(path: Path, package: Path, limit: int) -> str:

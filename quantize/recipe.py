@@ -33,10 +33,8 @@ widths or block sizes, and (against a model) rules that match no tensor are one-
 recipe, the rule and the key. Layer ranges are kept as ranges (``0-4000000000`` costs two integers).
 """
 
-import os
 import re
 import re._parser as re_parser
-import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma4_onnx.errors import UsageError
+from gemma4_onnx.user_files import regular_file
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -312,14 +311,7 @@ def load_recipe(spec: str, budget_bits: float | None = None) -> Recipe:
 
 def recipe_file_text(path: Path) -> str:
     """A recipe file's text: a regular file of at most ``MAX_RECIPE_BYTES``, in UTF-8."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"recipe file {path} does not exist") from None
-    except OSError as exc:
-        raise UsageError(f"recipe file {path} cannot be read ({exc.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"recipe file {path} is not a regular file")
+    info = regular_file(path, "recipe file")
     if info.st_size > MAX_RECIPE_BYTES:
         raise UsageError(f"recipe file {path} has {info.st_size} bytes (a recipe has at most {MAX_RECIPE_BYTES})")
     try:
