@@ -20,6 +20,8 @@ from gemma4_onnx.runtime.parity import block_parity
 PAST_WINDOW = 8
 
 
+MAX_SEQUENCE = 1 << 16  # tokens per block run: the reference layer holds [sequence, sequence] attention
+
 def run_block_parity(model_dir: Path, source: str, layers: list[int] | None = None,
                      sequence: int | None = None) -> dict[str, Any]:
     from gemma4_onnx.exporter.layer_reference import LayerReference
@@ -41,8 +43,8 @@ def run_block_parity(model_dir: Path, source: str, layers: list[int] | None = No
         specs = [s for s in specs if s.index in layers]
     if sequence is None:
         sequence = weights.geometry.sliding_window + PAST_WINDOW
-    if sequence < 1:
-        raise UsageError(f"--sequence must be ≥ 1, got {sequence}")
+    if not 1 <= sequence <= MAX_SEQUENCE:
+        raise UsageError(f"--sequence must be in [1, {MAX_SEQUENCE}], got {sequence}")
     reference = LayerReference(weights, sequence)
     blocks = []
     for spec in progress(specs, desc="blocks", unit="block"):

@@ -317,9 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gemma4-onnx {args.verb}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if args.debug:
+    except BaseException as exc:  # pyo3's PanicException (a tokenizer's Rust code) is a BaseException
+        if args.debug or (not isinstance(exc, Exception) and type(exc).__name__ != "PanicException"):
             raise
+        if type(exc).__name__ == "PanicException":
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            print(f"gemma4-onnx {args.verb}: error: the package's tokenizer failed on this text ({first})",
+                  file=sys.stderr)
+            return 2
         if type(exc).__module__.startswith("onnxruntime"):
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             print(f"gemma4-onnx {args.verb}: error: onnxruntime cannot run this package ({type(exc).__name__}: "

@@ -48,6 +48,11 @@ def check_manifest_shape(directory: Path, manifest: dict[str, Any]) -> None:
         raise _fail(directory, f"{MANIFEST} has no valid 'graphs' table (embed, decoder)")
     if not isinstance(manifest.get("text_config"), dict):
         raise _fail(directory, f"{MANIFEST} has no 'text_config'")
+    layers = manifest["text_config"].get("num_hidden_layers")
+    blocks = [block.get("layer") for block in graphs.get("blocks", [])]
+    if "blocks" in graphs and blocks != list(range(layers if isinstance(layers, int) else -1)):
+        raise _fail(directory, f"{MANIFEST}: graphs.blocks must hold layers 0 to {layers} - 1 in order, one block "
+                               "graph each")
 
 
 def named_files(manifest: dict[str, Any]) -> Iterator[tuple[str, str]]:

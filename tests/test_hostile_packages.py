@@ -453,3 +453,19 @@ def test_sigterm_ends_a_command_stuck_inside_onnxruntime(tmp_path) -> None:
     finally:
         process.kill()
     assert code == 128 + signal.SIGTERM and time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("blocks", [lambda b: [], lambda b: [b[0]] * len(b)], ids=["none", "layer-0-repeated"])
+def test_a_block_list_that_does_not_cover_the_layers_is_refused(blocks, workspace, tmp_path, capsys) -> None:
+    package, sandbox = workspace
+    edit_manifest(package, lambda m: m["graphs"].update(blocks=blocks(m["graphs"]["blocks"])))
+    err = refused(verbs(package, tmp_path)[1][0], capsys, out=tmp_path / "work" / "q", sandbox=sandbox)
+    assert "graphs.blocks must hold layers 0 to" in err
+
+
+def test_parity_blocks_refuses_a_sequence_no_layer_could_hold(workspace, exported, capsys) -> None:
+    package, _ = workspace
+    checkpoint, _ = exported("tiny-e2b")
+    err = refused(["parity", str(package), "--checkpoint", str(checkpoint), "--blocks", "--sequence", str(10**9),
+                   "--out", str(package.parent / "report"), "--quiet"], capsys, out=package.parent / "report")
+    assert "--sequence must be in [1, 65536]" in err
