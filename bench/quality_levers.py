@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,8 @@ def reference_logits(package: Path, fixture: str, cuts: list[list[int]]) -> list
         with np.load(cached) as data:
             return [data[str(i)] for i in range(len(cuts))]
     out = logits(package, cuts)
-    np.savez(cached, **{str(i): x for i, x in enumerate(out)})
+    arrays: dict[str, Any] = {str(i): x for i, x in enumerate(out)}
+    np.savez(cached, **arrays)
     return out
 
 

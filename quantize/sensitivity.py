@@ -105,7 +105,7 @@ def _output_sensitivities(walk: BlockWalk, wanted: dict[str, Entry]) -> dict[str
 
     def logits(start: int, window: int, replaced: dict[str, np.ndarray]) -> np.ndarray:
         published: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        hidden = None
+        hidden: np.ndarray | None = None
         for spec in layers[start:]:
             run_feeds = dict(feeds[spec.index][window])
             if hidden is not None:
@@ -116,6 +116,7 @@ def _output_sensitivities(walk: BlockWalk, wanted: dict[str, Entry]) -> dict[str
             hidden = out["hidden_states_out"]
             if spec.kv_mode == "store":
                 published[spec.index] = (out["published_key"], out["published_value"])
+        assert hidden is not None  # ``layers[start:]`` holds the block whose tensor was rounded
         return head.run(["logits"], {head.model.graph.input[0].name: hidden})[0]
 
     out: dict[str, float] = {}

@@ -70,7 +70,7 @@ MARGIN_HEADER = ("run", "gate", "value", "threshold", "margin", "left", "status"
 
 def _margin_rows(runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     """Each run's gates (``margins.gate_margins``): value, threshold, distance to it, share of it left."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for run in runs:
         for m in gate_margins(run):
             rows.append((run["label"], f"{m['gate']} {m['direction']}", f"{m['value']:.4g}",
