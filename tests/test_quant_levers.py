@@ -93,6 +93,7 @@ def test_experts_with_few_routed_tokens_fall_back(monkeypatch) -> None:
         np.testing.assert_array_equal(damped[i][off], plain[i][off])
 
 
+@pytest.mark.slow  # a lever off by default (sensitivity.MEASURE_AT = "block"), minutes of decoder runs
 def test_sensitivity_at_the_output_is_the_decoders_kl_with_that_tensor_rounded(exported, monkeypatch) -> None:
     """The block-by-block carry to the logits (KV shared across layers included) equals the whole decoder
     graph run with the tensor rounded to nearest."""
