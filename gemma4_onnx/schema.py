@@ -39,7 +39,8 @@ def field(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """A value as an error names it: its type and at most 40 characters of its repr."""
     text = repr(value)
     return f"{type(value).__name__} {text[:40] + '…' if len(text) > 40 else text}"
 
@@ -47,7 +48,7 @@ def _describe(value: Any) -> str:
 def integer(low: int | None = 0, high: int | None = None) -> Check:
     def check(value: Any, where: str) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise SchemaError(where, f"must be an integer, got {_describe(value)}")
+            raise SchemaError(where, f"must be an integer, got {describe_value(value)}")
         if (low is not None and value < low) or (high is not None and value > high):
             raise SchemaError(where, f"must be in [{low}, {high if high is not None else '∞'}], got {value}")
     return check
@@ -56,7 +57,7 @@ def integer(low: int | None = 0, high: int | None = None) -> Check:
 def number(low: float | None = None, high: float | None = None, low_open: bool = False) -> Check:
     def check(value: Any, where: str) -> None:
         if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
-            raise SchemaError(where, f"must be a number, got {_describe(value)}")
+            raise SchemaError(where, f"must be a number, got {describe_value(value)}")
         if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
             raise SchemaError(where, f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
     return check
@@ -64,13 +65,13 @@ def number(low: float | None = None, high: float | None = None, low_open: bool =
 
 def boolean(value: Any, where: str) -> None:
     if not isinstance(value, bool):
-        raise SchemaError(where, f"must be true or false, got {_describe(value)}")
+        raise SchemaError(where, f"must be true or false, got {describe_value(value)}")
 
 
 def string(pattern: str | None = None, max_length: int = 4096, choices: tuple[str, ...] | None = None) -> Check:
     def check(value: Any, where: str) -> None:
         if not isinstance(value, str):
-            raise SchemaError(where, f"must be a string, got {_describe(value)}")
+            raise SchemaError(where, f"must be a string, got {describe_value(value)}")
         if len(value) > max_length:
             raise SchemaError(where, f"is longer than {max_length} characters")
         if choices is not None and value not in choices:
@@ -105,7 +106,7 @@ def either(*options: Check) -> Check:
 def list_of(item: Check, min_length: int = 0, max_length: int = 1 << 20) -> Check:
     def check(value: Any, where: str) -> None:
         if not isinstance(value, list):
-            raise SchemaError(where, f"must be a list, got {_describe(value)}")
+            raise SchemaError(where, f"must be a list, got {describe_value(value)}")
         if not min_length <= len(value) <= max_length:
             raise SchemaError(where, f"must have {min_length} to {max_length} entries, has {len(value)}")
         for i, element in enumerate(value):
@@ -116,7 +117,7 @@ def list_of(item: Check, min_length: int = 0, max_length: int = 1 << 20) -> Chec
 def mapping_of(value_check: Check, key_pattern: str | None = None, max_length: int = 1 << 20) -> Check:
     def check(value: Any, where: str) -> None:
         if not isinstance(value, dict):
-            raise SchemaError(where, f"must be an object, got {_describe(value)}")
+            raise SchemaError(where, f"must be an object, got {describe_value(value)}")
         if len(value) > max_length:
             raise SchemaError(where, f"has more than {max_length} entries")
         for key, element in value.items():
@@ -134,7 +135,7 @@ def record(required: Mapping[str, Check] | None = None, optional: Mapping[str, C
 
     def check(value: Any, where: str) -> None:
         if not isinstance(value, dict):
-            raise SchemaError(where, f"must be an object, got {_describe(value)}")
+            raise SchemaError(where, f"must be an object, got {describe_value(value)}")
         for name, field_check in required.items():
             if name not in value:
                 raise SchemaError(field(where, name), "is missing")

@@ -24,7 +24,7 @@ from typing import Any
 
 from gemma4_onnx.errors import PackageError, UsageError
 from gemma4_onnx.runtime.package_files import read_side_file
-from gemma4_onnx.schema import loads_json
+from gemma4_onnx.schema import describe_value, loads_json
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -40,11 +40,6 @@ RENDER_MEMORY = 2 << 30  # address space the render may add (a backstop: the lim
 
 def _fail(directory: Path, problem: str) -> PackageError:
     return PackageError(f"{directory}: {problem}")
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40] + '…' if len(text) > 40 else text}"
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -86,27 +81,27 @@ def _token_problem(value: Any) -> str | None:
         return None
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return None
-    return f"must be a string or an object with a string \"content\", got {_describe(value)}"
+    return f"must be a string or an object with a string \"content\", got {describe_value(value)}"
 
 
 def tokenizer_config_problem(config: Any) -> str | None:
     """What is wrong with the fields of a tokenizer config this tool reads, or None."""
     if not isinstance(config, dict):
-        return f"must be a JSON object, got {_describe(config)}"
+        return f"must be a JSON object, got {describe_value(config)}"
     for name in ("bos_token", "eos_token"):
         if problem := _token_problem(config.get(name)):
             return f"{name} {problem}"
     if config.get("add_bos_token") is not None and not isinstance(config["add_bos_token"], bool):
-        return f"add_bos_token must be true or false, got {_describe(config['add_bos_token'])}"
+        return f"add_bos_token must be true or false, got {describe_value(config['add_bos_token'])}"
     template = config.get("chat_template")
     if template is None or isinstance(template, str):
         return None
     named = "chat_template must be a string or a list of {\"name\": string, \"template\": string}"
     if not isinstance(template, list):
-        return f"{named}, got {_describe(template)}"
+        return f"{named}, got {describe_value(template)}"
     for i, item in enumerate(template):
         if not (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("template"), str)):
-            return f"chat_template[{i}]: {named}, got {_describe(item)}"
+            return f"chat_template[{i}]: {named}, got {describe_value(item)}"
     return None
 
 
