@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from gemma4_onnx import tolerances
 from gemma4_onnx.atomic import write_file
@@ -25,22 +24,12 @@ from gemma4_onnx.runtime.generate import prompt_ids
 from gemma4_onnx.runtime.margins import gate_margins
 from gemma4_onnx.runtime.parity import LogitStats, block_parity, greedy_match_steps, windows
 from gemma4_onnx.runtime.text_model import TextModel
+from gemma4_onnx.runtime.tokenizer import decode, encode, read_tokenizer
 
 EVAL_TOKENS = 4096
 WINDOW = 512
 PROMPT_TOKENS = 128
 
-
-
-def load_tokenizer(model_dir: Path) -> Tokenizer:
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise UsageError(f"{model_dir}: no tokenizer.json in the package")
-    return Tokenizer.from_file(str(path))
-
-
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def checkpoint_config(checkpoint: Path) -> dict[str, Any]:
@@ -77,7 +66,7 @@ def run_parity(model_dir: Path, checkpoint: Path, text_file: Path | None, steps:
     check_same_model(model_dir, read_manifest(model_dir), str(checkpoint), checkpoint_config(checkpoint))
     model = TextModel(model_dir)
     reference = Reference(str(checkpoint))
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = read_tokenizer(model_dir, read_manifest(model_dir))
     if text_file is not None:
         from gemma4_onnx.quantize.calibration import text_prefix
 
@@ -94,7 +83,7 @@ def run_parity(model_dir: Path, checkpoint: Path, text_file: Path | None, steps:
         cache = model.empty_cache(1)
         onnx_logits = model.forward([window], cache)[0]
         reference_logits = reference.logits(window)
-        target_bytes = len(tokenizer.decode(window[1:], skip_special_tokens=False).encode("utf-8"))
+        target_bytes = len(decode(tokenizer, window[1:], skip_special_tokens=False).encode("utf-8"))
         stats.add(reference_logits[:-1], onnx_logits[:-1], np.array(window[1:]), target_bytes)
 
     prompt = tokens[:PROMPT_TOKENS]

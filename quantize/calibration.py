@@ -20,10 +20,12 @@ import onnx
 
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.geometry import LayerSpec, text_geometry
+from gemma4_onnx.graphs.manifest import read_manifest
 from gemma4_onnx.quantize.experts import DOWN, GATE_UP, is_topk_moe
 from gemma4_onnx.quantize.float_tensors import FloatTensors
 from gemma4_onnx.quantize.graph_session import WeightFedSession, subgraph
 from gemma4_onnx.runtime.package_files import graph_dir
+from gemma4_onnx.runtime.tokenizer import encode, read_tokenizer
 from gemma4_onnx.user_files import regular_file
 
 WINDOW = 512
@@ -54,11 +56,12 @@ def token_limit(asked: int | None) -> int:
     return asked
 
 
-def calibration_tokens(package: Path, text: str, limit: int = MAX_TOKENS) -> list[int]:
-    from tokenizers import Tokenizer
+def package_tokenizer(package: Path) -> Any:
+    return read_tokenizer(package, read_manifest(package))
 
-    tokenizer = Tokenizer.from_file(str(package / "tokenizer.json"))
-    return list(tokenizer.encode(text, add_special_tokens=False).ids)[:limit]
+
+def calibration_tokens(package: Path, text: str, limit: int = MAX_TOKENS) -> list[int]:
+    return encode(package_tokenizer(package), text, package)[:limit]
 
 
 def check_calibration_file(path: Path, option: str = "--calibration") -> None:
@@ -73,9 +76,7 @@ def calibration_file_text(path: Path, package: Path, limit: int) -> str:
     grows, so a large file is neither read nor tokenized whole. The text must be UTF-8: a file in another
     encoding is refused with the offset of its first undecodable byte rather than calibrated on
     replacement characters."""
-    from tokenizers import Tokenizer
-
-    return text_prefix(path, Tokenizer.from_file(str(package / "tokenizer.json")), limit)
+    return text_prefix(path, package_tokenizer(package), limit)
 
 
 def text_prefix(path: Path, tokenizer: Any, limit: int, option: str = "--calibration") -> str:
@@ -88,7 +89,7 @@ def text_prefix(path: Path, tokenizer: Any, limit: int, option: str = "--calibra
             while data := f.read(chunk):
                 text += _decoded(decoder, data, offset, path, option)
                 offset += len(data)
-                if len(tokenizer.encode(text, add_special_tokens=False).ids) >= limit + TOKENS_MARGIN:
+                if len(encode(tokenizer, text, path)) >= limit + TOKENS_MARGIN:
                     return text
                 chunk = max(chunk, offset)  # the text read doubles each time: tokenizing costs ≤ 2x the text kept
     except OSError as exc:

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from gemma4_onnx.errors import PackageError, UsageError
+from gemma4_onnx.errors import UsageError
 from gemma4_onnx.runtime.chat_template import chat_template, render, special_token, tokenizer_config
 from gemma4_onnx.runtime.multimodal import DEFAULT_IMAGE_BUDGET, MultimodalModel, media_prompt
-from gemma4_onnx.runtime.package_files import TOKENIZER, open_package, read_side_file
+from gemma4_onnx.runtime.package_files import open_package
 from gemma4_onnx.runtime.text_model import Cache, TextModel
+from gemma4_onnx.runtime.tokenizer import decode, encode, read_tokenizer
 
 
 @dataclass(frozen=True)
@@ -34,18 +35,7 @@ class PackageText:
     def read(cls, directory: Path, manifest: dict[str, Any]) -> "PackageText":
         """From a package that passed the gate (``open_package``)."""
         config = tokenizer_config(directory, manifest)
-        return cls(package_tokenizer(directory, manifest), config, chat_template(directory, manifest, config))
-
-
-def package_tokenizer(directory: Path, manifest: dict[str, Any]) -> Tokenizer:
-    data = read_side_file(directory, manifest, TOKENIZER)
-    if data is None:
-        raise UsageError(f"{directory}: no {TOKENIZER} in the package")
-    try:
-        return Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as exc:  # UnicodeDecodeError, or the tokenizers library's plain Exception
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise PackageError(f"{directory}: {TOKENIZER} is not a readable tokenizer ({first})") from None
+        return cls(read_tokenizer(directory, manifest), config, chat_template(directory, manifest, config))
 
 
 def checked_prompt(prompt: str) -> str:
@@ -61,7 +51,7 @@ def prompt_ids(tokenizer: Tokenizer, directory: Path, prompt: str) -> list[int]:
     """The prompt's ids, with BOS first when the package's tokenizer config asks for it (parity's prompts)."""
     from gemma4_onnx.graphs.manifest import read_manifest
 
-    return _bos(tokenizer, tokenizer_config(directory, read_manifest(directory))) + _encode(tokenizer, prompt)
+    return _bos(tokenizer, tokenizer_config(directory, read_manifest(directory))) + encode(tokenizer, prompt)
 
 
 def chat_prompt(text: PackageText, prompt: str, raw: bool = False) -> tuple[list[int], str]:
@@ -75,10 +65,6 @@ def chat_prompt(text: PackageText, prompt: str, raw: bool = False) -> tuple[list
 def _bos(tokenizer: Tokenizer, config: dict[str, Any]) -> list[int]:
     bos = tokenizer.token_to_id(special_token(config, "bos_token")) if config.get("add_bos_token", True) else None
     return [] if bos is None else [bos]
-
-
-def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def context_length(model: TextModel) -> int | None:
@@ -118,7 +104,7 @@ def generate(directory: Path, prompt: str, max_new_tokens: int, stream: bool = T
         cache, logits, max_new_tokens = _media_prefill(multimodal, text.tokenizer, prompt, bos, list(images),
                                                        list(audio), image_budget, max_new_tokens)
     else:
-        ids = bos + _encode(text.tokenizer, prompt)
+        ids = bos + encode(text.tokenizer, prompt)
         if not ids:
             raise UsageError("the prompt is empty")
         max_new_tokens = new_token_budget(max_new_tokens, len(ids), context_length(model))
@@ -136,13 +122,13 @@ def _decode_loop(model: TextModel, tokenizer: Tokenizer, cache: Cache, logits: n
         if token in model.eos_ids:
             break
         generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
+        text = decode(tokenizer, generated, skip_special_tokens=True)
         if stream and not text.endswith("\ufffd"):  # hold back half of a multi-byte character
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
         logits = model.forward([[token]], cache)
-    text = tokenizer.decode(generated, skip_special_tokens=True)
+    text = decode(tokenizer, generated, skip_special_tokens=True)
     if stream:
         sys.stdout.write(text[len(printed):] + "\n")
     return text
@@ -152,7 +138,7 @@ def _media_prefill(model: MultimodalModel, tokenizer: Tokenizer, prompt: str, bo
                    audio: list[Path], budget: int, max_new_tokens: int) -> tuple[Cache, np.ndarray, int]:
     """The prompt with its images and audio merged in, run through the decoder once; and the tokens to
     generate after it (``new_token_budget``)."""
-    media = media_prompt(model, lambda text: _encode(tokenizer, text), bos, prompt, images, audio, budget)
+    media = media_prompt(model, lambda text: encode(tokenizer, text), bos, prompt, images, audio, budget)
     for note in media.notes:
         sys.stderr.write(f"note: {note}\n")
     steps = new_token_budget(max_new_tokens, len(media.prompt.ids), context_length(model.text))

@@ -22,6 +22,7 @@ from gemma4_onnx.graphs.manifest import MANIFEST
 from gemma4_onnx.quantize.calibration import calibration_file_text
 from gemma4_onnx.quantize.recipe import ACTIVATIONS, ALGORITHMS, BITS, BLOCK_SIZES, parse_recipe
 from gemma4_onnx.runtime.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG
+from gemma4_onnx.runtime.package_files import TOKENIZER
 
 from hostile import FAST, SLOW, Sandbox, refused
 from test_bad_inputs import reseal
@@ -406,3 +407,23 @@ def test_fuzzed_templates_many(package: Path, capsys, template: str) -> None:
     with_side_file(package, CHAT_TEMPLATE_FILE, template)
     check_generate_promise(package, capsys)
     restore_side_files(package)
+
+
+def test_a_tokenizer_whose_rust_code_panics_is_one_line_on_stderr(package: Path, tmp_path: Path, capfd) -> None:
+    """Oniguruma's retry limit on a pre-tokenizer regex panics in Rust, whose hook writes its own lines on
+    file descriptor 2 (capfd sees them, capsys would not)."""
+    original = (package / TOKENIZER).read_bytes()
+    tokenizer = json.loads(original)
+    tokenizer["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated",
+                                  "invert": False}
+    with_side_file(package, TOKENIZER, json.dumps(tokenizer))
+    attack = "a" * 5000 + "b"
+    err = generate_refused(package, capfd, "--raw", "--prompt", attack)
+    assert "tokenizer.json failed on this text (Onig: Regex search error" in err and "panicked" not in err, err
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(attack)
+    out = tmp_path / "out"
+    err = refused(["quantize", str(package), str(out), "--recipe", "int8", "--calibration", str(calibration)],
+                  capfd, out=out)
+    assert "failed on this text" in err and "panicked" not in err, err
+    with_side_file(package, TOKENIZER, original)
