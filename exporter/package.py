@@ -14,7 +14,6 @@ time (the PLE table is 9.4 GB in fp32), and dropped after.
 Each distinct layer kind is traced once (see ``trace``); every other layer reuses its function.
 """
 
-import functools
 import json
 import math
 import os
@@ -93,7 +92,6 @@ TARGETS = ("portable", "ort")
 # A layer kind's trace depends on the configuration only (weights are its inputs): one per process, like
 # the towers' (``towers._TRACES``); the test suite and ``make report`` export the same variants again.
 _LAYER_TRACES: dict[str, TracedBlock] = {}
-ROPE_TABLES = "blocks/rope.data"
 
 
 def export_package(source: str, out_dir: Path, force: bool = False, structure_only: bool = False,
@@ -230,7 +228,7 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
         names = [prefix + w for w in traced.weights]
         for n in names:
             decoder_inits[n] = writer.tensor(weights, n, location)
-        blocks.append(_save_block(root, spec, traced, block, names, writer, _max_position(weights)))
+        blocks.append(_save_block(root, spec, traced, block, names, writer))
         decoder_functions += [traced.function, *traced.functions]
 
         inputs = [hidden]
@@ -281,7 +279,7 @@ def _export_graphs(weights: WeightSource, root: Path, writer: _Writer) -> dict[s
     decoder = build_model("decoder", decoder_inputs, decoder_outputs, decoder_nodes, list(decoder_inits.values()),
                           decoder_functions)
     if writer.target == "ort":
-        decoder = _lower(decoder, writer, "", _max_position(weights))
+        decoder = _lower(decoder, writer)
     graphs["decoder"] = _save(root, "decoder.onnx", decoder)
     graphs["blocks"] = blocks
     return graphs
@@ -307,7 +305,7 @@ def _max_position(weights: WeightSource) -> int:
 
 
 def _save_block(root: Path, spec: LayerSpec, traced: TracedBlock, block: DecoderLayerBlock, names: list[str],
-                writer: _Writer, max_position: int) -> dict[str, Any]:
+                writer: _Writer) -> dict[str, Any]:
     inputs = [tensor_info(n, t, s) for n, t, s in block.activation_infos()]
     outputs = [tensor_info(n, t, s) for n, t, s in block.output_infos()]
     inits = [writer.relocated(n, "blocks") for n in names] + ([no_image_blocks()] if spec.image_blocks else [])
@@ -315,25 +313,17 @@ def _save_block(root: Path, spec: LayerSpec, traced: TracedBlock, block: Decoder
                         [call(traced.function, [*block.activation_names, *names], traced.outputs, "layer")],
                         inits, [traced.function, *traced.functions])
     if writer.target == "ort":
-        model = _lower(model, writer, "blocks", max_position)
+        model = _lower(model, writer)
     return {"layer": spec.index, **_save(root, block_file(spec.index) + ".onnx", model)}
 
 
-def _lower(model: onnx.ModelProto, writer: _Writer, graph_dir: str, max_position: int) -> onnx.ModelProto:
-    """``--target ort``: fused onnxruntime kernels where they fit; the rotary tables they need go to
-    ``blocks/rope.data``, shared by every graph."""
+def _lower(model: onnx.ModelProto, writer: _Writer) -> onnx.ModelProto:
+    """``--target ort``: fused onnxruntime kernels where they fit."""
     ir_model = ir.serde.deserialize_model(model)
-    lowering = lower_to_ort(ir_model, max_position)
+    lowering = lower_to_ort(ir_model)
     writer.lowering[model.graph.name] = {"lowered": dict(lowering.lowered),
                                          "kept_as_functions": sorted({reason for _, reason in lowering.skipped})}
-    lowered = ir.serde.serialize_model(ir_model)
-    inline = [t for t in lowered.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and t.raw_data]
-    for tensor in inline:
-        if len(tensor.raw_data) >= 1 << 16:
-            array = onnx.numpy_helper.to_array(tensor)
-            writer.add(tensor.name, ROPE_TABLES, functools.partial(np.asarray, array))
-            tensor.CopyFrom(writer.relocated(tensor.name, graph_dir))
-    return lowered
+    return ir.serde.serialize_model(ir_model)
 
 
 def _save(root: Path, relative: str, model: onnx.ModelProto) -> dict[str, Any]:

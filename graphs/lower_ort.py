@@ -50,10 +50,15 @@ the PRoPE function stays in the model for them; functions nothing calls any more
 (``RemoveUnusedFunctionsPass`` follows nested calls). Only nodes of the main graph are lowered: a
 function body cannot hold the cos/sin initializers, so a nested PRoPE always runs as its function.
 
-The cos/sin tables are [max_position, D/2] initializers, one pair per distinct frequency table, in
-the op's dtype: the angle is the float32 product position·inv_freq (as transformers forms it) and
-its cos/sin are evaluated in float64 and rounded once. At max_position 262144 a table pair costs
-0.27 GB (D = 256) or 0.54 GB (D = 512) in fp32; half in fp16.
+No table grows with the context: the kernels take cos/sin "caches" indexed by position, and the graph
+computes exactly the rows this call needs, once per distinct frequency table, before the first node
+that uses them::
+
+    position_ids [B,S] ─Reshape[B·S,1]─Cast float─Mul(inv_freq)─Cast double─Cos, Sin─Cast─► cos, sin [B·S, D/2]
+    Range(0, B·S) ─Reshape[B,S]─► the kernels' position_ids
+
+The angle is the float32 product position·inv_freq (as transformers forms it); its cos/sin are
+evaluated in float64 and rounded once.
 
 ``SimplifiedLayerNormalization`` is onnxruntime's RMSNorm, registered by onnxruntime in the default
 domain: the lowered model is for onnxruntime only (and no longer passes the ONNX checker).
@@ -72,32 +77,34 @@ from gemma4_onnx.graphs.domain import DOMAIN, ORT_CONTRIB_DOMAIN
 _INT64_MAX = 9223372036854775807
 
 
-def rope_tables(inv_freq: np.ndarray, max_position: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [max_position, D/2]: float32 angles as transformers forms them, evaluated in float64."""
-    angles = np.arange(max_position, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
-    angles64 = angles.astype(np.float64)
-    return np.cos(angles64).astype(dtype), np.sin(angles64).astype(dtype)
+@dataclass(frozen=True)
+class Rotary:
+    """The kernels' view of one call's positions: ``indices`` [B,S] into the ``cos``/``sin`` rows [B·S, D/2]."""
+
+    indices: ir.Value
+    cos: ir.Value
+    sin: ir.Value
+
+    def apply(self, x: ir.Value | None, tape: ir.tape.Tape) -> ir.Value:
+        return tape.op("RotaryEmbedding", [x, self.indices, self.cos, self.sin], attributes={"interleaved": 0},
+                       domain=ORT_CONTRIB_DOMAIN)
 
 
 @dataclass
 class LowerToOrtPass(ir.passes.InPlacePass):
     """Lower PRoPE (either head axis) and KEqVAttention:kv nodes of the main graph to onnxruntime
-    contrib kernels.
-
-    ``max_position``: the rows of the cos/sin tables (the largest position the model will see + 1).
-    After the call, ``lowered`` counts the lowered nodes per op and ``skipped`` lists
+    contrib kernels. After the call, ``lowered`` counts the lowered nodes per op and ``skipped`` lists
     (node name, reason) for the ai.gemma4 nodes left as functions.
     """
 
-    max_position: int
     lowered: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    _tables: dict[tuple[bytes, str], tuple[ir.Value, ir.Value]] = field(default_factory=dict)
+    _rows: dict[tuple[bytes, str, int], Rotary] = field(default_factory=dict)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.lowered.clear()
         self.skipped.clear()
-        self._tables.clear()
+        self._rows.clear()
         graph = model.graph
         for node in list(graph):
             if node.domain != DOMAIN:
@@ -107,7 +114,7 @@ class LowerToOrtPass(ir.passes.InPlacePass):
                 self.skipped.append((node.name or node.op_type, reason))
                 continue
             tape = ir.tape.Tape(graph)
-            new_outputs = self._rewrite(node, tape, graph)
+            new_outputs = self._rewrite(node, tape)
             ir.convenience.replace_nodes_and_values(graph, node, [node], tape.nodes, node.outputs, new_outputs)
             key = f"{node.op_type}:{node.overload}" if node.overload else node.op_type
             self.lowered[key] = self.lowered.get(key, 0) + 1
@@ -139,16 +146,17 @@ class LowerToOrtPass(ir.passes.InPlacePass):
 
     # -- rewrite: new nodes on the tape, the values replacing the node's outputs -------------------
 
-    def _rewrite(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
+    def _rewrite(self, node: ir.Node, tape: ir.tape.Tape) -> list[ir.Value]:
         if node.op_type == "PRoPE":
-            return self._rotary(node, tape, graph)
+            return self._rotary(node, tape)
+        rotary = self._rotary_rows(node, "rope_inv_freq", node.inputs[5], tape)
         if node.overload == "kv_image_blocks":
-            return self._attention_unless_images(node, tape, graph)
-        return self._attention(node, tape, graph)
+            return self._attention_unless_images(node, tape, rotary)
+        return self._attention(node, tape, rotary)
 
-    def _attention_unless_images(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
+    def _attention_unless_images(self, node: ir.Node, tape: ir.tape.Tape, rotary: Rotary) -> list[ir.Value]:
         causal = ir.tape.Tape()
-        causal_outputs = self._attention(node, causal, graph)
+        causal_outputs = self._attention(node, causal, rotary)
         function = ir.Node(node.domain, node.op_type, list(node.inputs), overload=node.overload,
                            attributes=[ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
                            num_outputs=len(node.outputs))
@@ -161,40 +169,37 @@ class LowerToOrtPass(ir.passes.InPlacePass):
         return list(tape.op_multi_out("If", [tape.op("Squeeze", [no_images])], attributes=branches,
                                       num_outputs=len(node.outputs)))
 
-    def _cos_sin(self, node: ir.Node, attribute: str, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+    def _rotary_rows(self, node: ir.Node, attribute: str, position_ids: ir.Value | None,
+                     tape: ir.tape.Tape) -> Rotary:
+        """The cos/sin rows of ``position_ids`` for the node's frequency table, made on the main graph's
+        tape (an If branch below may read them), once per table and position input."""
+        assert position_ids is not None
         inv_freq = np.asarray(node.attributes[attribute].as_floats(), dtype=np.float32)
         dtype = node.inputs[0].dtype if node.inputs[0] is not None and node.inputs[0].dtype else ir.DataType.FLOAT
-        key = (inv_freq.tobytes(), dtype.name)
-        if key not in self._tables:
-            cos, sin = rope_tables(inv_freq, self.max_position, dtype.numpy())
-            name = f"gemma4_rope_{len(self._tables)}_d{2 * inv_freq.size}"
-            values = []
-            for suffix, table in (("cos", cos), ("sin", sin)):
-                value = ir.Value(name=f"{name}_{suffix}", const_value=ir.tensor(table, name=f"{name}_{suffix}"))
-                value.shape, value.dtype = ir.Shape(table.shape), dtype
-                graph.register_initializer(value)
-                values.append(value)
-            self._tables[key] = (values[0], values[1])
-        return self._tables[key]
+        key = (inv_freq.tobytes(), dtype.name, id(position_ids))
+        if key not in self._rows:
+            flat = tape.op("Reshape", [position_ids, _ints(tape, [-1, 1])])
+            frequencies = tape.op("Constant", [], attributes={"value": ir.tensor(inv_freq[None, :])})
+            angles = tape.op("Mul", [tape.op("Cast", [flat], attributes={"to": ir.DataType.FLOAT}), frequencies])
+            wide = tape.op("Cast", [angles], attributes={"to": ir.DataType.DOUBLE})
+            cos, sin = (tape.op("Cast", [tape.op(f, [wide])], attributes={"to": dtype}) for f in ("Cos", "Sin"))
+            rows = tape.op("Range", [_scalar(tape, 0), tape.op("Size", [position_ids]), _scalar(tape, 1)])
+            indices = tape.op("Reshape", [rows, tape.op("Shape", [position_ids])])
+            self._rows[key] = Rotary(indices, cos, sin)
+        return self._rows[key]
 
-    def _rotary(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
-        x, position_ids = node.inputs[0], node.inputs[1]
-        cos, sin = self._cos_sin(node, "inv_freq", graph)
-
-        def rotate(x: ir.Value | None) -> ir.Value:
-            inputs = [x, position_ids, cos, sin]
-            return tape.op("RotaryEmbedding", inputs, attributes={"interleaved": 0}, domain=ORT_CONTRIB_DOMAIN)
-
+    def _rotary(self, node: ir.Node, tape: ir.tape.Tape) -> list[ir.Value]:
+        x = node.inputs[0]
+        rotary = self._rotary_rows(node, "inv_freq", node.inputs[1], tape)
         if node.attributes["head_axis"].as_int() == 1:  # [B,N,S,D]: the kernel's own 4D layout
-            return [rotate(x)]
-        rotated = rotate(tape.op("Reshape", [x, _ints(tape, [0, 0, -1])]))
+            return [rotary.apply(x, tape)]
+        rotated = rotary.apply(tape.op("Reshape", [x, _ints(tape, [0, 0, -1])]), tape)
         return [tape.op("Reshape", [rotated, tape.op("Shape", [x])])]
 
-    def _attention(self, node: ir.Node, tape: ir.tape.Tape, graph: ir.Graph) -> list[ir.Value]:
-        query, key, value, q_norm_weight, k_norm_weight, position_ids, past_key, past_value = node.inputs[:8]
+    def _attention(self, node: ir.Node, tape: ir.tape.Tape, rotary: Rotary) -> list[ir.Value]:
+        query, key, value, q_norm_weight, k_norm_weight, _, past_key, past_value = node.inputs[:8]
         attrs = node.attributes
         head_dim, window, eps = attrs["head_dim"].as_int(), attrs["sliding_window"].as_int(), attrs["eps"].as_float()
-        cos, sin = self._cos_sin(node, "rope_inv_freq", graph)
         heads_shape = _ints(tape, [0, 0, -1, head_dim])
         merge_shape = _ints(tape, [0, 0, -1])
 
@@ -203,10 +208,6 @@ class LowerToOrtPass(ir.passes.InPlacePass):
             attributes = {"axis": -1, "epsilon": eps, "stash_type": 1}
             normed = tape.op("SimplifiedLayerNormalization", [heads, weight], attributes=attributes)
             return tape.op("Reshape", [normed, merge_shape])
-
-        def rotate(x: ir.Value) -> ir.Value:
-            inputs = [x, position_ids, cos, sin]
-            return tape.op("RotaryEmbedding", inputs, attributes={"interleaved": 0}, domain=ORT_CONTRIB_DOMAIN)
 
         def int32(x: ir.Value) -> ir.Value:
             return tape.op("Cast", [x], attributes={"to": ir.DataType.INT32})
@@ -223,7 +224,8 @@ class LowerToOrtPass(ir.passes.InPlacePass):
 
         output, keys, values = tape.op_multi_out(
             "GroupQueryAttention",
-            [rotate(norm(query, q_norm_weight)), rotate(norm(key, k_norm_weight)), norm(value, ones),
+            [rotary.apply(norm(query, q_norm_weight), tape), rotary.apply(norm(key, k_norm_weight), tape),
+             norm(value, ones),
              past_key, past_value, seqlens_k, total_scalar],
             attributes={
                 "num_heads": attrs["num_heads"].as_int(),
@@ -243,12 +245,16 @@ class LowerToOrtPass(ir.passes.InPlacePass):
         return [output, present_key, present_value, keys, values]
 
 
+def _scalar(tape: ir.tape.Tape, value: int) -> ir.Value:
+    return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(value, dtype=np.int64))})
+
+
 def _ints(tape: ir.tape.Tape, values: list[int]) -> ir.Value:
     return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(values, dtype=np.int64))})
 
 
-def lower_to_ort(model: ir.Model, max_position: int) -> LowerToOrtPass:
+def lower_to_ort(model: ir.Model) -> LowerToOrtPass:
     """Run the lowering in place; the returned pass says what was lowered and what was not, and why."""
-    lowering = LowerToOrtPass(max_position)
+    lowering = LowerToOrtPass()
     lowering(model)
     return lowering

@@ -133,6 +133,7 @@ def test_ort_target_matches_transformers(source: str, exported, tmp_path: Path) 
     package = export_package(str(checkpoint), tmp_path / "ort", target="ort")
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["target"] == "ort" and manifest["lowering"]["decoder"]["lowered"]
+    assert not any("rope" in name for name in manifest["files"])  # cos/sin rows are computed per call
     decoder = onnx.load(package / "decoder.onnx", load_external_data=False)
     assert "GroupQueryAttention" in set(_op_types(decoder.graph))  # 26B-A4B: in If branches (image_blocks)
     text = checkpoint / "eval.txt" if source in TRAINED_FIXTURES else None

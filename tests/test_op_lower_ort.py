@@ -14,16 +14,15 @@ import pytest
 import torch
 from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
 
-from gemma4_onnx.graphs import domain, prope
+from gemma4_onnx.graphs import domain
 from gemma4_onnx.graphs.domain import ORT_CONTRIB_DOMAIN
-from gemma4_onnx.graphs.lower_ort import LowerToOrtPass, rope_tables
+from gemma4_onnx.graphs.lower_ort import LowerToOrtPass
 
 from op_harness import (
     CASES,
     FULL,
     LAYER_TYPES,
     ROPE,
-    SCENARIOS,
     SLIDING,
     Exported,
     assert_close,
@@ -37,9 +36,6 @@ from op_harness import (
 )
 
 OP = "lower_ort"
-# cos/sin table rows: the 1e5 positions of the op tests at the tiny head dims; at the real ones
-# (tables of 0.13-0.27 GB at 2**17 rows) the same code is checked below position 4096.
-TABLE_ROWS = {"tiny": 2**17, "real": 2**12}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,9 +46,9 @@ def _report(request: pytest.FixtureRequest) -> None:
 class Lowered:
     """An exported op graph after LowerToOrtPass, loaded in onnxruntime."""
 
-    def __init__(self, graph: Exported, max_position: int) -> None:
+    def __init__(self, graph: Exported) -> None:
         model = ir.from_proto(graph.model)
-        self.lowering = LowerToOrtPass(max_position)
+        self.lowering = LowerToOrtPass()
         self.lowering(model)
         self.model: onnx.ModelProto = ir.to_proto(model)
         self.session = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -65,27 +61,22 @@ class Lowered:
         return self.session.run(None, {name: feeds[name].numpy() for name in self.input_names})
 
 
-def table_rows(head_dim: int) -> int:
-    return TABLE_ROWS["real" if head_dim >= 256 else "tiny"]
-
-
 @functools.cache
 def lowered_rope(theta: float, fraction: float, head_dim: int, head_axis: int = 2) -> Lowered:
-    return Lowered(exported_prope(theta, fraction, head_dim, head_axis), table_rows(head_dim))
+    return Lowered(exported_prope(theta, fraction, head_dim, head_axis))
 
 
 @functools.cache
 def lowered_attention(geometry: str, layer: int) -> Lowered:
-    return Lowered(exported_attention(geometry, layer), TABLE_ROWS[geometry.split("-")[0]])
+    return Lowered(exported_attention(geometry, layer))
 
 
-def test_rope_tables_use_transformers_angles() -> None:
-    inv_freq = prope.inv_freq(1_000_000.0, 0.25, 512)
-    cos, sin = rope_tables(inv_freq.numpy(), 1000, np.dtype(np.float32))
-    position_ids = torch.tensor([[0, 1, 517, 999]])
-    expected_cos, expected_sin = prope.cos_sin(position_ids, inv_freq, torch.float32)
-    assert_close(OP, "cos/sin tables vs transformers", cos[position_ids[0]], expected_cos[0, :, :256])
-    assert_close(OP, "cos/sin tables vs transformers", sin[position_ids[0]], expected_sin[0, :, :256])
+def test_no_tensor_grows_with_the_context() -> None:
+    """The cos/sin rows are computed for the positions of each call: the lowered graph holds no table."""
+    lowered = lowered_attention("real", 1)
+    largest = max((int(np.prod(t.dims)) for t in lowered.model.graph.initializer), default=0)
+    constants = [a.t for n in lowered.model.graph.node if n.op_type == "Constant" for a in n.attribute]
+    assert max([largest, *(int(np.prod(t.dims)) for t in constants)]) <= 512
 
 
 ROPE_CASES = [
@@ -93,7 +84,6 @@ ROPE_CASES = [
     for dims in ((16, 32), (256, 512))
     for starts, n in (([0], 7), ([123_457], 1), ([0, 100_003], 5), ([9, 3000], 4))
 ]
-ROPE_CASES = [(d, s, n) for d, s, n in ROPE_CASES if max(s) + n <= table_rows(d[1])]
 
 
 @pytest.mark.parametrize("head_axis", [2, 1], ids=["bsnd", "bnsd"])
@@ -120,12 +110,7 @@ def test_prope_lowered_to_rotary_embedding(
     assert_close(OP, "RotaryEmbedding vs transformers", actual, expected)
 
 
-def _within_tables(geometry: str, scenario: str) -> bool:
-    case = SCENARIOS[scenario]
-    return max(case.starts) + case.step <= TABLE_ROWS[geometry]
-
-
-KV_CASES = [(g, s) for g, s in CASES if g in ("tiny", "real") and _within_tables(g, s)]
+KV_CASES = [(g, s) for g, s in CASES if g in ("tiny", "real")]
 KV_CASES += [("real", "decode-below-window"), ("real", "decode-at-window")]
 
 
@@ -165,7 +150,7 @@ def test_image_blocks_attention_lowered_behind_an_if(scenario: str) -> None:
     """kv_image_blocks → If: GroupQueryAttention when no token is in an image (text and decode), the function
     (kept, with its nested PRoPE) when one is; both branches give the function's outputs."""
     graph = exported_attention("tiny", 0, image_blocks=True)
-    lowered = Lowered(graph, TABLE_ROWS["tiny"])
+    lowered = Lowered(graph)
     assert lowered.lowering.lowered == {"KEqVAttention:kv_image_blocks": 1}
     assert ("", "If") in lowered.op_types()
     inputs = op_inputs("tiny", scenario, 0)
