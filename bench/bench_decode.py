@@ -140,6 +140,7 @@ def measure_runners(runners: dict[str, Any], ids: list[int], contexts: tuple[int
 def section(quick: bool) -> Section:
     from gemma4_onnx.exporter.init_checkpoint import init_checkpoint
     from gemma4_onnx.exporter.package import export_package
+    from gemma4_onnx.pipeline import export
     from gemma4_onnx.progress import set_quiet
     from gemma4_onnx.quantize.job import quantize_package
 
@@ -170,8 +171,7 @@ def section(quick: bool) -> Section:
                 packages[recipe] = quantize_package(fp32, root / f"{name}-{recipe}", recipe)
             # --target ort (GroupQueryAttention, RotaryEmbedding where they fit) beside the portable graphs
             packages["fp32 ort"] = export_package(str(checkpoint), root / f"{name}-fp32-ort", target="ort")
-            packages["int4 ort"] = export_package(str(checkpoint), root / f"{name}-int4-ort", target="ort",
-                                                  recipe="int4")
+            packages["int4 ort"] = export(str(checkpoint), root / f"{name}-int4-ort", target="ort", recipe="int4")
             runners: dict[str, Any] = {"eager": EagerRunner(checkpoint),
                                        **{k: OnnxRunner(p) for k, p in packages.items()}}
             tokens = list(np.random.default_rng(0).integers(10, 200, size=max(contexts)))

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import onnx_ir as ir
 import torch
 
 from gemma4_onnx import __version__
-from gemma4_onnx.atomic import check_target, publish_dir
+from gemma4_onnx.atomic import publish_dir
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.checkpoint import open_contained
 from gemma4_onnx.exporter.decoder_layer import DecoderLayerBlock, layer_kind
@@ -40,9 +39,9 @@ from gemma4_onnx.exporter.towers import export_towers
 from gemma4_onnx.exporter.trace import TracedBlock, block_weights, trace_block
 from gemma4_onnx.exporter.weights import CheckpointWeights, WeightSource, example_weights, open_source
 from gemma4_onnx.graphs.compose import build_model, call, tensor_info
-from gemma4_onnx.graphs.external_data import PackageWriter
+from gemma4_onnx.graphs.external_data import LoaderEntry, PackageWriter
 from gemma4_onnx.graphs.lower_ort import lower_to_ort
-from gemma4_onnx.graphs.manifest import IMAGE_BLOCKS, graph_signature, read_manifest, write_manifest
+from gemma4_onnx.graphs.manifest import IMAGE_BLOCKS, graph_signature, write_manifest
 from gemma4_onnx.progress import progress
 from gemma4_onnx.runtime.package_files import SIDE_FILES
 
@@ -95,23 +94,13 @@ _LAYER_TRACES: dict[str, TracedBlock] = {}
 
 
 def export_package(source: str, out_dir: Path, force: bool = False, structure_only: bool = False,
-                   target: str = "portable", recipe: str | None = None, budget_bits: float | None = None,
-                   calibration: Path | None = None, calibration_tokens: int | None = None) -> Path:
+                   target: str = "portable") -> Path:
     """Export ``source``. ``target`` "portable" keeps the ai.gemma4 functions (any runtime); "ort" swaps in
     onnxruntime's fused kernels where they fit (``graphs.lower_ort``). With ``structure_only`` the graphs,
     signatures and cache layout are written but no weight data (full-size variants whose fp32 weights
-    would not fit the disk): such a package documents and checks the structure, it cannot run. With
-    ``recipe`` the package is quantized in the same pass (``export_quantized``), and an interrupted run
-    restarts from its last completed block."""
-    if target not in TARGETS:
-        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if recipe is not None:
-        if structure_only:
-            raise UsageError("--recipe quantizes weights: it cannot be combined with --structure-only")
-        return export_quantized(source, Path(out_dir), recipe, force, target, budget_bits, calibration,
-                                calibration_tokens)
-    if budget_bits is not None or calibration is not None or calibration_tokens is not None:
-        raise UsageError("--budget-bits, --calibration and --calibration-tokens need --recipe")
+    would not fit the disk): such a package documents and checks the structure, it cannot run.
+    ``export --recipe`` is ``gemma4_onnx.pipeline``."""
+    check_target_name(target)
     weights = open_source(source)
     with publish_dir(Path(out_dir), force=force, needed_bytes=None if structure_only else fp32_bytes(weights)) \
             as staging:
@@ -119,34 +108,20 @@ def export_package(source: str, out_dir: Path, force: bool = False, structure_on
     return Path(out_dir)
 
 
-def export_quantized(source: str, out_dir: Path, recipe: str, force: bool = False, target: str = "portable",
-                     budget_bits: float | None = None, calibration: Path | None = None,
-                     calibration_tokens: int | None = None) -> Path:
-    """``export --recipe``: the graphs are traced into a scratch folder with no weight data, then quantized
-    block by block, each weight read from ``source`` when the quantizer needs it (``StreamedTensors``):
-    float weights are never written, and at most one layer's are in memory. The steps and values are
-    those of ``quantize`` on a float export, so the package is the same, byte for byte."""
-    from gemma4_onnx.quantize.float_tensors import StreamedTensors
-    from gemma4_onnx.quantize.job import QuantizeJob, quantize_options
-
-    weights = open_source(source)
-    quantize_options(recipe, budget_bits, calibration, calibration_tokens)  # refused before minutes of tracing
-    out = Path(out_dir).absolute()
-    checked = check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-graphs-", dir=out.parent))
-    try:
-        writer = _Writer(scratch, False, target, deferred=True)
-        _write_package(weights, writer, False)
-        job = QuantizeJob(scratch, read_manifest(scratch), StreamedTensors(writer.loaders), recipe, budget_bits,
-                          calibration, calibration_tokens)
-        return job.publish(out, force, fp32_bytes(weights), {"source_package": None},
-                           resume_key=json.dumps([_source_key(weights), target], sort_keys=True), checked=checked)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def check_target_name(target: str) -> None:
+    if target not in TARGETS:
+        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
 
 
-def _source_key(weights: WeightSource) -> dict[str, Any]:
+def trace_graphs(weights: WeightSource, scratch: Path, target: str) -> dict[str, LoaderEntry]:
+    """The float package's graphs and manifest in ``scratch`` with no weight data; each tensor's loader
+    by name, for a quantizer that reads the weights from the source when it needs them."""
+    writer = _Writer(scratch, False, target, deferred=True)
+    _write_package(weights, writer, False)
+    return writer.loaders
+
+
+def source_key(weights: WeightSource) -> dict[str, Any]:
     """What identifies the weights an interrupted export was reading: a checkpoint's files by size and
     modification time, random weights by variant, seed and dtype."""
     key = weights.describe()

@@ -61,14 +61,14 @@ def _recipe_file(spec: str | None) -> str | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gemma4_onnx.exporter.package import export_package
+    from gemma4_onnx.pipeline import export
 
     check_disjoint(Path(args.out_dir), args.source, args.calibration, _recipe_file(args.recipe))
     return_freed_memory()
-    out = export_package(args.source, Path(args.out_dir), force=args.force, structure_only=args.structure_only,
-                         target=args.target, recipe=args.recipe, budget_bits=args.budget_bits,
-                         calibration=Path(args.calibration) if args.calibration else None,
-                         calibration_tokens=args.calibration_tokens)
+    out = export(args.source, Path(args.out_dir), force=args.force, structure_only=args.structure_only,
+                 target=args.target, recipe=args.recipe, budget_bits=args.budget_bits,
+                 calibration=Path(args.calibration) if args.calibration else None,
+                 calibration_tokens=args.calibration_tokens)
     say(f"package: {out}")
     return 0
 

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto
 
 Loader = Callable[[], np.ndarray | Iterator[np.ndarray]]  # an array, or consecutive chunks of it
+LoaderEntry = tuple[Loader, tuple[int, ...], np.dtype]  # a tensor's loader, shape and dtype
 PAGE = 1 << 16  # 64 KiB: mmap granularity on Windows, a multiple of the 4 KiB page elsewhere
 SMALL_ALIGN = 64
 LARGE_TENSOR_BYTES = 1 << 20
@@ -99,7 +100,7 @@ class PackageWriter:
         self.files: dict[str, DataFile] = {}
         self.written: dict[str, TensorProto] = {}
         # structure only: what would have been written, for a later reader (``export --recipe``)
-        self.loaders: dict[str, tuple[Loader, tuple[int, ...], np.dtype]] = {}
+        self.loaders: dict[str, LoaderEntry] = {}
 
     def add(self, name: str, location: str, load: Loader,
             shape: tuple[int, ...] | None = None, dtype: np.dtype | type = np.float32) -> TensorProto:

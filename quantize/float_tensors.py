@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from gemma4_onnx.graphs.external_data import Loader, external_entries
+from gemma4_onnx.graphs.external_data import LoaderEntry, external_entries
 
 ROW_CHUNK = 4096
 
@@ -81,7 +81,7 @@ class StreamedTensors:
     """The initializers of an export in progress, by name: each read from the export's source (through the
     loader the export's writer was given) every time it is asked for."""
 
-    def __init__(self, loaders: dict[str, tuple[Loader, tuple[int, ...], np.dtype]]) -> None:
+    def __init__(self, loaders: dict[str, LoaderEntry]) -> None:
         self.loaders = loaders
 
     def _chunks(self, name: str) -> Iterator[np.ndarray]:

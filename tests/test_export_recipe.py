@@ -10,7 +10,7 @@ import pytest
 
 from gemma4_onnx.atomic import partial_dir
 from gemma4_onnx.cli import main
-from gemma4_onnx.exporter.package import export_package
+from gemma4_onnx.pipeline import export
 from gemma4_onnx.quantize.job import quantize_package
 from gemma4_onnx.quantize.resume import ResumeState
 
@@ -25,7 +25,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_streaming_export_equals_export_then_quantize(source: str, exported, tmp_path: Path) -> None:
     checkpoint, fp32 = exported(source)
     two_steps = quantize_package(fp32, tmp_path / "two-steps", "int4")
-    streamed = export_package(str(checkpoint), tmp_path / "streamed", recipe="int4")
+    streamed = export(str(checkpoint), tmp_path / "streamed", recipe="int4")
     a, b = _files(two_steps), _files(streamed)
     assert sorted(a) == sorted(b)
     assert [name for name in a if name != "manifest.json" and a[name] != b[name]] == []
@@ -40,7 +40,7 @@ def test_streaming_export_equals_export_then_quantize(source: str, exported, tmp
 def test_streaming_export_from_a_variant_name_runs(tmp_path: Path) -> None:
     from gemma4_onnx.runtime.text_model import TextModel
 
-    package = export_package("tiny-31b", tmp_path / "q", recipe="int8", calibration_tokens=1024)
+    package = export("tiny-31b", tmp_path / "q", recipe="int8", calibration_tokens=1024)
     model = TextModel(package)
     assert model.forward([[2, 10, 11]], model.empty_cache(1)).shape == (1, 3, 320)
     manifest = json.loads((package / "manifest.json").read_text())
@@ -104,5 +104,5 @@ def test_a_partial_export_of_another_recipe_is_not_resumed(exported, tmp_path: P
     (partial / ".resume" / "key").write_text("another export")
     (partial / "blocks").mkdir()
     (partial / "blocks" / "layer_00.data").write_bytes(b"stale")
-    export_package(str(checkpoint), tmp_path / "out", recipe="int8")
+    export(str(checkpoint), tmp_path / "out", recipe="int8")
     assert not partial.exists() and (tmp_path / "out" / "blocks" / "layer_00.data").read_bytes() != b"stale"
