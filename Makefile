@@ -23,7 +23,7 @@ STAGE = status=0; $(1) || status=$$?; if [ $$status -eq 3 ]; then echo "(stage n
 EXPORT_RECIPE = $(if $(filter command line,$(origin RECIPE)),--recipe $(RECIPE))
 TYPECHECK := build/typecheck/gemma4_onnx
 
-.PHONY: help setup test test-slow lint demo export quantize parity report mobile verify bench clean \
+.PHONY: help setup test test-long test-slow lint demo export quantize parity report mobile verify bench clean \
         export-all $(addprefix export-,$(VARIANTS))
 
 help: ## list the targets
@@ -42,7 +42,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install everything (torch from the local CPU wheel)
 
 test: $(STAMP) ## run the test suite (unit, op, block, fixtures; under 15 minutes)
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow and not long" -q
+
+test-long: $(STAMP) ## quality gates on the trained fixtures, interrupted and resumed runs (CI runs them after make test)
+	$(BIN)/pytest -m long -q
 
 test-slow: $(STAMP) ## full-size and torture tests
 	$(BIN)/pytest -m slow -q

@@ -159,6 +159,7 @@ def quantize_argv(fp32: Path, recipe: Path):
     return lambda target: ["quantize", str(fp32), str(target), "--recipe", str(recipe), "--force"]
 
 
+@pytest.mark.long
 def test_kill_quantize_at_random_points(server, fp32, tmp_path) -> None:
     recipe = tmp_path / "rtn.toml"
     recipe.write_text(RTN)
@@ -180,6 +181,7 @@ def test_kill_export_at_a_random_point(server, exported, tmp_path) -> None:
     assert_whole(target, [complete], f"seed {SEED}, kill after {files} files, rc {rc}")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("resumable", [False, True], ids=["export", "export --recipe"])
 def test_sigterm_ends_an_export_through_its_cleanups(resumable, exported, tmp_path) -> None:
     """``kill`` (SIGTERM) mid-export: exit status 143 and the scratch folders gone at once (SIGKILL leaves

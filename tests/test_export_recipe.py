@@ -76,6 +76,7 @@ def _wait_for_block(partial: Path, layers: int, process: subprocess.Popen, limit
     raise AssertionError(f"no block {layers} completed before the run ended or {limit} s")
 
 
+@pytest.mark.long
 def test_an_interrupted_streaming_export_resumes_from_its_last_completed_block(exported, tmp_path: Path) -> None:
     checkpoint, fp32 = exported("tiny-e2b")
     command = [sys.executable, "-m", "gemma4_onnx.cli", "export", str(checkpoint), str(tmp_path / "out"),
@@ -97,6 +98,7 @@ def test_an_interrupted_streaming_export_resumes_from_its_last_completed_block(e
     assert [name for name in a if name != "manifest.json" and a[name] != b[name]] == []
 
 
+@pytest.mark.long
 def test_a_partial_export_of_another_recipe_is_not_resumed(exported, tmp_path: Path) -> None:
     checkpoint, _ = exported("tiny-e2b")
     partial = partial_dir(tmp_path / "out")

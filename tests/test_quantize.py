@@ -178,6 +178,7 @@ def test_quantizing_a_quantized_package_is_refused(packages, tmp_path: Path) -> 
 GATES = tolerances.QUANT_GATES  # int4-mobile is held to the int4 gates
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("source", TRAINED_FIXTURES)
 @pytest.mark.parametrize("recipe", ["int8", "int4", "int4-mobile", "auto"])
 def test_quality_gates_on_trained_fixtures(source: str, recipe: str, packages) -> None:

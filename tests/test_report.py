@@ -10,6 +10,7 @@ from gemma4_onnx.quantize.job import quantize_package
 from gemma4_onnx.runtime.report import write_report as render
 
 
+@pytest.mark.long
 def test_report_renders_runs_side_by_side_without_network(exported, tmp_path: Path) -> None:
     checkpoint, fp32 = exported("tiny-e2b")
     int8 = quantize_package(fp32, tmp_path / "int8", "int8")
