@@ -4,6 +4,7 @@
 import argparse
 import errno
 import json
+import logging
 import os
 import signal
 import sys
@@ -303,41 +304,55 @@ def exit_when_stuck() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_quiet(args.quiet)
+    if not args.debug:
+        logging.disable(logging.WARNING)  # libraries' warnings (onnx_ir's deduplication notes) are not ours to print
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     exit_when_stuck()
     try:
         return int(args.handler(args))
-    except Terminated:
-        return 128 + signal.SIGTERM
-    except Gemma4OnnxError as exc:
-        if args.debug:
+    except BaseException as exc:
+        if args.debug and not isinstance(exc, KeyboardInterrupt):
             raise
-        print(f"gemma4-onnx {args.verb}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"gemma4-onnx {args.verb}: interrupted", file=sys.stderr)
-        return 130
-    except BaseException as exc:  # pyo3's PanicException (a tokenizer's Rust code) is a BaseException
-        if args.debug or (not isinstance(exc, Exception) and type(exc).__name__ != "PanicException"):
+        code, message = outcome(exc)
+        if message is None:
             raise
-        if type(exc).__name__ == "PanicException":
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            print(f"gemma4-onnx {args.verb}: error: the package's tokenizer failed on this text ({first})",
-                  file=sys.stderr)
-            return 2
-        if type(exc).__module__.startswith("onnxruntime"):
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            print(f"gemma4-onnx {args.verb}: error: onnxruntime cannot run this package ({type(exc).__name__}: "
-                  f"{first}); `gemma4-onnx verify` checks it", file=sys.stderr)
-            return 2
-        if isinstance(exc, OSError) and exc.errno in INPUT_ERRNOS:
-            where = f": {os.fsdecode(exc.filename)[:300]!r}" if exc.filename is not None else ""
-            print(f"gemma4-onnx {args.verb}: error: {exc.strerror}{where}", file=sys.stderr)
-            return 2
-        print(f"gemma4-onnx {args.verb}: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
-              file=sys.stderr)
-        return 1
+        if message:
+            print(f"gemma4-onnx {args.verb}: {one_line(message)}", file=sys.stderr)
+        return code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def outcome(exc: BaseException) -> tuple[int, str | None]:
+    """The exit status and the message of an exception that ended a verb (None: not ours to explain)."""
+    if any(isinstance(e, Terminated) for e in _chain(exc)):  # torch may wrap it in its own error
+        return 128 + signal.SIGTERM, ""
+    if isinstance(exc, Gemma4OnnxError):
+        return exc.exit_code, f"error: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    if type(exc).__name__ == "PanicException":  # pyo3's (a tokenizer's Rust code): a BaseException
+        return 2, f"error: the package's tokenizer failed on this text ({first})"
+    if not isinstance(exc, Exception):
+        return 1, None
+    if type(exc).__module__.startswith("onnxruntime"):
+        return 2, (f"error: onnxruntime cannot run this package ({type(exc).__name__}: {first}); "
+                   "`gemma4-onnx verify` checks it")
+    if isinstance(exc, OSError) and exc.errno in INPUT_ERRNOS:
+        where = f": {os.fsdecode(exc.filename)[:300]!r}" if exc.filename is not None else ""
+        return 2, f"error: {exc.strerror}{where}"
+    return 1, f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 32:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: control characters (a newline or an escape sequence in a name someone else
+    wrote) shown as escapes."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in message)

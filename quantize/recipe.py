@@ -188,6 +188,32 @@ def _backtracking(items: Any, inside_repeat: bool) -> str | None:
     return None
 
 
+MAX_REPEATS = 3  # k repetitions in a row can take n^k steps on a name of n characters
+
+
+def _repeats(items: Any) -> int:
+    """How many repetitions a parsed regular expression holds, at any depth."""
+    count = 0
+    for op, value in items:
+        if op in REPEATS:
+            count += (value[1] > 1) + _repeats(value[2])
+        elif op == re_parser.BRANCH:
+            count += sum(_repeats(branch) for branch in value[1])
+        elif op in (re_parser.SUBPATTERN, re_parser.ATOMIC_GROUP, re_parser.ASSERT, re_parser.ASSERT_NOT):
+            count += _repeats(value[-1])
+    return count
+
+
+def _slow_pattern(match: str) -> str | None:
+    """Why matching ``match`` can take exponential or high-degree polynomial time, or None."""
+    parsed = re_parser.parse(match).data
+    if found := _backtracking(parsed, inside_repeat=False):
+        return f"{found}, which can take exponential time"
+    if (repeats := _repeats(parsed)) > MAX_REPEATS:
+        return f"has {repeats} repetitions (more than {MAX_REPEATS} can take n^{repeats} steps on a name)"
+    return None
+
+
 LAYER_SPAN = re.compile(r"\s*(\d{1,10})\s*(?:-\s*(\d{1,10})\s*)?")
 
 
@@ -237,12 +263,12 @@ def _rule(recipe: str, index: int, table: Any) -> Rule:
     match = _text(recipe, where, "match", table["match"])
     try:
         pattern = re.compile(match)
-        backtracking = _backtracking(re_parser.parse(match).data, inside_repeat=False)
+        slow = _slow_pattern(match)
     except (re.error, RecursionError, OverflowError) as exc:
         raise _fail(recipe, where, f"bad regular expression {match[:60]!r} ({exc})") from None
-    if backtracking:
-        raise _fail(recipe, where, f"regular expression {match[:60]!r} {backtracking}, which can take exponential "
-                                   "time (Python's re has no time limit): write it without")
+    if slow:
+        raise _fail(recipe, where, f"regular expression {match[:60]!r} {slow} (Python's re has no time limit): "
+                                   "write it without")
     types = table.get("layer_types")
     if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)
                               or set(types) - set(LAYER_TYPES)):

@@ -29,6 +29,13 @@ SIDE_FILES = ("config.json", "generation_config.json", TOKENIZER, "tokenizer_con
 # Operator domains of every graph gemma4-onnx writes (model-local functions add their own).
 OP_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft", "ai.gemma4"})
 MAX_FUNCTIONS = 1024
+MAX_NODES = 200_000  # nodes of one graph, its functions and subgraphs: an e2b decoder has a few thousand
+# Ops whose work a graph sets by itself, not by its inputs' sizes (a Loop of 2^62 iterations): gemma4-onnx
+# never writes them.
+UNBOUNDED_OPS = frozenset({"Loop", "Scan", "SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceAt",
+                           "SplitToSequence", "ConcatFromSequence", "RandomNormal", "RandomUniform",
+                           "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})
+TENSOR_TYPES = frozenset(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}
 MAX_NAME_BYTES = 255  # of one path component: Linux's NAME_MAX
 MAX_DIMENSION = 1 << 31  # no Gemma 4 tensor or activation has an axis this long
 MAX_GRAPH_BYTES = (1 << 31) - 1  # protobuf's limit: weights of larger graphs must be external
@@ -254,9 +261,13 @@ def call_problem(model: onnx.ModelProto) -> str | None:
         return f"{len(model.functions)} local functions (gemma4-onnx writes at most a few dozen)"
     functions = {(f.domain, f.name): f for f in model.functions}
     allowed = OP_DOMAINS | {domain for domain, _ in functions}
-    for node in _nodes(model.graph.node):
+    for count, node in enumerate(_nodes([*model.graph.node, *(n for f in model.functions for n in f.node)])):
         if node.domain not in allowed:
             return f"node {node.name[:60]!r} is of domain {node.domain[:60]!r}, which gemma4-onnx never writes"
+        if node.domain in ("", "ai.onnx") and node.op_type in UNBOUNDED_OPS:
+            return f"node {node.name[:60]!r} is a {node.op_type}, which gemma4-onnx never writes"
+        if count >= MAX_NODES:
+            return f"more than {MAX_NODES} nodes (gemma4-onnx graphs have a few thousand)"
     calls = {key: {(n.domain, n.op_type) for n in _nodes(f.node)} & set(functions) for key, f in functions.items()}
     done: set[tuple[str, str]] = set()
 
@@ -296,6 +307,9 @@ def check_graph(directory: Path, graph_file: str, manifest: dict[str, Any]) -> o
         raise _fail(directory, f"graph {graph_file} carries training_info, which gemma4-onnx never writes (its "
                                "tensors are outside every check)")
     for tensor in model_tensors(model):
+        if tensor.data_type not in TENSOR_TYPES:
+            raise _fail(directory, f"{graph_file}: tensor {tensor.name[:120]!r} has data type {tensor.data_type}, "
+                                   "which is not an ONNX tensor type")
         _check_dims(directory, graph_file, f"tensor {tensor.name}", list(tensor.dims))
         if tensor.data_location == TensorProto.EXTERNAL:
             check_external_tensor(directory, graph_file, tensor, manifest)

@@ -6,6 +6,7 @@ KL and top-1 per run, bits per byte, and package size by file with the PLE file 
 """
 
 import html
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from gemma4_onnx.atomic import check_disjoint, publish_dir
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.runtime.margins import THIN, gate_margins, status
 from gemma4_onnx.schema import SchemaError, list_of, loads_json, nullable, number, record, string
+from gemma4_onnx.user_files import read_own_file, regular_file
 
 MAX_PARITY_BYTES = 64 << 20
 FINITE = number(-1e300, 1e300)
@@ -30,14 +32,23 @@ PARITY = record({"blocks": list_of(record({"name": string(max_length=256), "cosi
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 
 
+def read_parity_file(named: Path, path: Path) -> bytes:
+    """The parity.json of a folder the user named (through no link), or the file the user named."""
+    if named.is_dir():
+        return read_own_file(named, path.name, MAX_PARITY_BYTES)
+    regular_file(path, "report input")
+    with path.open("rb") as f:
+        return f.read(MAX_PARITY_BYTES + 1)
+
+
 def load_runs(directories: list[Path]) -> list[dict[str, Any]]:
     runs = []
     for directory in directories:
         path = directory / "parity.json" if directory.is_dir() else directory
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise UsageError(f"{directory}: no parity.json (run gemma4-onnx parity --out {directory} first)")
         try:
-            result = loads_json(path.read_bytes()[:MAX_PARITY_BYTES + 1])
+            result = loads_json(read_parity_file(directory, path))
             PARITY(result, "")
         except SchemaError as exc:
             raise UsageError(f"{path}: not a gemma4-onnx parity report: {exc}") from None

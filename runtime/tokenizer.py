@@ -18,9 +18,14 @@ from tokenizers import Tokenizer
 from gemma4_onnx.errors import PackageError, UsageError
 from gemma4_onnx.runtime.package_files import TOKENIZER, read_side_file
 
+MAX_TOKENIZER_BYTES = 256 << 20  # Gemma's own tokenizer.json is ~33 MB
+
 
 def read_tokenizer(directory: Path, manifest: dict[str, Any]) -> Tokenizer:
     """The tokenizer of a package that passed the gate (``open_package``)."""
+    listed = manifest["files"].get(TOKENIZER)
+    if listed is not None and listed["bytes"] > MAX_TOKENIZER_BYTES:
+        raise PackageError(f"{directory}: {TOKENIZER} has {listed['bytes']} bytes (at most {MAX_TOKENIZER_BYTES})")
     data = read_side_file(directory, manifest, TOKENIZER)
     if data is None:
         raise UsageError(f"{directory}: no {TOKENIZER} in the package")

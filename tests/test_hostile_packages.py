@@ -3,6 +3,7 @@
 something outside the package, through a path, a link or an unlisted entry, is refused with one line and
 nothing outside is read or written. The manifest fuzz mutates one field at a time and runs the real verbs."""
 
+import itertools
 import json
 import os
 import shutil
@@ -309,11 +310,35 @@ def duplicate_location(model: onnx.ModelProto) -> None:
     tensor.external_data.insert(0, onnx.StringStringEntryProto(key="location", value="../outside.bin"))
 
 
+def endless_loop(model: onnx.ModelProto) -> None:
+    body = onnx.helper.make_graph([], "body", [], [])
+    model.graph.node.append(onnx.helper.make_node("Loop", ["", ""], [], body=body, name="spin"))
+
+
+def many_nodes(model: onnx.ModelProto) -> None:
+    names = ["input_ids", *(f"copy_{i}" for i in range(200_001))]
+    model.graph.node.extend(onnx.helper.make_node("Identity", [a], [b]) for a, b in itertools.pairwise(names))
+
+
+def unknown_data_type(model: onnx.ModelProto) -> None:
+    model.graph.initializer.append(onnx.TensorProto(name="odd", data_type=99, dims=[1], raw_data=b"\0"))
+
+
+def name_with_a_newline(model: onnx.ModelProto) -> None:
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    tensor.name += "\nSECOND LINE"
+    tensor.external_data.add(key="bogus", value="1")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (unknown_domain, "is of domain 'evil.domain', which gemma4-onnx never writes"),
     (recursive_function, "function local::Loop calls itself"),
     (duplicate_location, "an external-data key is given twice"),
-], ids=["unknown-domain", "recursive-function", "duplicate-location"])
+    (endless_loop, "node 'spin' is a Loop, which gemma4-onnx never writes"),
+    (many_nodes, "more than 200000 nodes"),
+    (unknown_data_type, "tensor 'odd' has data type 99, which is not an ONNX tensor type"),
+    (name_with_a_newline, "\\nSECOND LINE"),
+], ids=["unknown-domain", "recursive-function", "duplicate-location", "loop", "many-nodes", "data-type", "newline"])
 def test_graphs_onnxruntime_would_refuse_are_refused_by_the_gate(change, message, workspace, tmp_path,
                                                                  capsys) -> None:
     package, sandbox = workspace
@@ -379,8 +404,9 @@ def test_report_reads_no_integer_python_cannot_convert(tmp_path, capsys) -> None
 
 @pytest.mark.parametrize("text", ["bits = " + "9" * 5000, "[[rules]]\nname = 'r'\nmatch = '^([a-z_.0-9]+)*!$'\n",
                                   "[[rules]]\nname = 'r'\nmatch = '(ab|a)+'\n",
-                                  "[[rules]]\nname = 'r'\nmatch = '(a)\\1'\n"],
-                         ids=["huge-integer", "nested-repeat", "repeated-alternation", "backreference"])
+                                  "[[rules]]\nname = 'r'\nmatch = '(a)\\1'\n",
+                                  "[[rules]]\nname = 'r'\nmatch = '.*.*.*.*.*.*.*.*.*.*.*.*X'\n"],
+                         ids=["huge-integer", "nested-repeat", "repeated-alternation", "backreference", "polynomial"])
 def test_recipes_that_python_cannot_read_or_would_backtrack_for_ever_are_refused(text, tmp_path, capsys) -> None:
     from gemma4_onnx.quantize.recipe import parse_recipe
 
@@ -469,3 +495,33 @@ def test_parity_blocks_refuses_a_sequence_no_layer_could_hold(workspace, exporte
     err = refused(["parity", str(package), "--checkpoint", str(checkpoint), "--blocks", "--sequence", str(10**9),
                    "--out", str(package.parent / "report"), "--quiet"], capsys, out=package.parent / "report")
     assert "--sequence must be in [1, 65536]" in err
+
+
+def test_report_reads_parity_json_through_no_link(tmp_path, capsys) -> None:
+    sandbox = Sandbox(tmp_path / "outside")
+    secret = sandbox.add("parity.json", json.dumps({"SECRET-SENTINEL": 1}).encode())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "parity.json").symlink_to(secret)
+    err = refused(["report", str(run), "--out", str(tmp_path / "report")], capsys, out=tmp_path / "report",
+                  sandbox=sandbox)
+    assert "is a symbolic link" in err
+    (run / "parity.json").unlink()
+    os.link(secret, run / "parity.json")
+    err = refused(["report", str(run), "--out", str(tmp_path / "report")], capsys, out=tmp_path / "report",
+                  sandbox=sandbox)
+    assert "has 2 hard links" in err
+
+
+def test_an_interruption_wrapped_by_a_library_still_ends_quietly_with_143() -> None:
+    from gemma4_onnx.cli import Terminated, one_line, outcome
+
+    try:
+        try:
+            raise Terminated
+        except Terminated as interrupted:
+            raise RuntimeError("torch's ConversionError around it") from interrupted
+    except RuntimeError as wrapped:
+        assert outcome(wrapped) == (143, "")
+    assert outcome(ValueError("x"))[0] == 1
+    assert one_line("a\nb\rc\x1b[2Jd\u2028é") == "a\\nb\\rc\\x1b[2Jd\\u2028é"
