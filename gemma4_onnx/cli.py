@@ -356,3 +356,7 @@ def one_line(message: str) -> str:
     """``message`` on one line: control characters (a newline or an escape sequence in a name someone else
     wrote) shown as escapes."""
     return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
