@@ -30,9 +30,9 @@ SIDE_FILES = ("config.json", "generation_config.json", TOKENIZER, "tokenizer_con
 OP_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft", "ai.gemma4"})
 MAX_FUNCTIONS = 1024
 MAX_NODES = 200_000  # nodes of one graph, its functions and subgraphs: an e2b decoder has a few thousand
-# Ops whose work a graph sets by itself, not by its inputs' sizes (a Loop of 2^62 iterations): gemma4-onnx
-# never writes them.
-UNBOUNDED_OPS = frozenset({"Loop", "Scan", "SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceAt",
+# Ops whose work a graph can set by itself, not by its inputs' sizes, and that gemma4-onnx never writes
+# (it writes Loop: the image-block masks of 26B-A4B/31B, so a Loop's trip count stays unbounded).
+UNBOUNDED_OPS = frozenset({"Scan", "SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceAt",
                            "SplitToSequence", "ConcatFromSequence", "RandomNormal", "RandomUniform",
                            "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})
 TENSOR_TYPES = frozenset(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}

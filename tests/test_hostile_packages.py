@@ -310,9 +310,9 @@ def duplicate_location(model: onnx.ModelProto) -> None:
     tensor.external_data.insert(0, onnx.StringStringEntryProto(key="location", value="../outside.bin"))
 
 
-def endless_loop(model: onnx.ModelProto) -> None:
+def scan(model: onnx.ModelProto) -> None:
     body = onnx.helper.make_graph([], "body", [], [])
-    model.graph.node.append(onnx.helper.make_node("Loop", ["", ""], [], body=body, name="spin"))
+    model.graph.node.append(onnx.helper.make_node("Scan", [], [], body=body, num_scan_inputs=0, name="spin"))
 
 
 def many_nodes(model: onnx.ModelProto) -> None:
@@ -334,11 +334,11 @@ def name_with_a_newline(model: onnx.ModelProto) -> None:
     (unknown_domain, "is of domain 'evil.domain', which gemma4-onnx never writes"),
     (recursive_function, "function local::Loop calls itself"),
     (duplicate_location, "an external-data key is given twice"),
-    (endless_loop, "node 'spin' is a Loop, which gemma4-onnx never writes"),
+    (scan, "node 'spin' is a Scan, which gemma4-onnx never writes"),
     (many_nodes, "more than 200000 nodes"),
     (unknown_data_type, "tensor 'odd' has data type 99, which is not an ONNX tensor type"),
     (name_with_a_newline, "\\nSECOND LINE"),
-], ids=["unknown-domain", "recursive-function", "duplicate-location", "loop", "many-nodes", "data-type", "newline"])
+], ids=["unknown-domain", "recursive-function", "duplicate-location", "scan", "many-nodes", "data-type", "newline"])
 def test_graphs_onnxruntime_would_refuse_are_refused_by_the_gate(change, message, workspace, tmp_path,
                                                                  capsys) -> None:
     package, sandbox = workspace
