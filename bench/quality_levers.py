@@ -39,13 +39,14 @@ def float_package(fixture: str) -> Path:
 
 
 def eval_windows(package: Path, fixture: str) -> tuple[list[list[int]], list[int]]:
-    from gemma4_onnx.parity_run import encode, load_tokenizer
+    from gemma4_onnx.graphs.manifest import read_manifest
     from gemma4_onnx.runtime.parity import windows
+    from gemma4_onnx.runtime.tokenizer import decode, encode, read_tokenizer
 
-    tokenizer = load_tokenizer(package)
+    tokenizer = read_tokenizer(package, read_manifest(package))
     text = (FIXTURES / fixture / "eval.txt").read_text(encoding="utf-8", errors="replace")
     cuts = windows(encode(tokenizer, text), WINDOW, EVAL_TOKENS)
-    target_bytes = [len(tokenizer.decode(w[1:], skip_special_tokens=False).encode("utf-8")) for w in cuts]
+    target_bytes = [len(decode(tokenizer, w[1:], skip_special_tokens=False).encode("utf-8")) for w in cuts]
     return cuts, target_bytes
 
 
