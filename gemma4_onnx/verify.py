@@ -104,16 +104,14 @@ def ort_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in manifest["graphs"].values() if isinstance(e, dict) and str(e.get("file", "")).endswith(".ort")]
 
 
-def _run_sessions(directory: Path, entries: list[dict[str, Any]]) -> list[str]:
-    import onnxruntime as ort
-
+def _run_sessions(directory: Path, manifest: dict[str, Any], entries: list[dict[str, Any]]) -> list[str]:
+    from gemma4_onnx.runtime.checked_session import checked_session
     from gemma4_onnx.runtime.text_model import session_options
 
     problems = []
     for entry in entries:
         try:
-            session = ort.InferenceSession(str(directory / entry["file"]), session_options(),
-                                           providers=["CPUExecutionProvider"])
+            session = checked_session(directory, manifest, entry["file"], session_options())
         except Exception as exc:  # onnxruntime raises its own exception types for every load failure
             problems.append(f"{entry['file']}: onnxruntime cannot create a session ({_one_line(exc)})")
             continue
@@ -172,7 +170,7 @@ def verify_package(directory: str | Path) -> dict[str, Any]:
     if not safe:
         record("sessions", None, unsafe)
     elif weights:
-        record("sessions", _run_sessions(directory, list(graph_entries(manifest))))
+        record("sessions", _run_sessions(directory, manifest, list(graph_entries(manifest))))
     else:
         record("sessions", [], "structure-only package: no weights, no sessions")
     record("signatures", signature_problems(manifest, models))
@@ -202,7 +200,7 @@ def _verify_mobile(directory: Path, manifest: dict[str, Any], report: dict[str, 
     record("external_data", problems, "ORT format: graphs carry their weights; PLE row tables checked")
     record("onnx_checker", [], "ORT format is not ONNX protobuf: onnxruntime's loader validates it (sessions)")
     if files_ok and not problems:
-        record("sessions", _run_sessions(directory, entries))
+        record("sessions", _run_sessions(directory, manifest, entries))
     else:
         record("sessions", None, "skipped: onnxruntime is not run on a package that failed the file checks")
     vocab = (manifest.get("text_config") or {}).get("vocab_size")

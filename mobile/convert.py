@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.mobile.ple_rows import RowTable, split_ple
+from gemma4_onnx.runtime.checked_session import checked_graph
 
 CONFIG = "required_operators_and_types.config"
 PLATFORMS = ("arm", "amd64")
@@ -47,7 +48,7 @@ def prepare(source: Path, manifest: dict[str, Any], work: Path) -> Prepared:
     files: dict[str, Path] = {}
     tables: list[RowTable] = []
     for graph, file in deployed_graphs(manifest).items():
-        model = onnx.inliner.inline_local_functions(onnx.load(source / file, load_external_data=False))
+        model = onnx.inliner.inline_local_functions(checked_graph(source, manifest, file))
         if ple_file:
             model, found = split_ple(model, ple_file)
             tables += found

@@ -18,6 +18,7 @@ from gemma4_onnx.atomic import check_target, publish_dir
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.graphs.manifest import read_manifest, write_manifest
 from gemma4_onnx.mobile.genai_graph import PAST, PRESENT, merged_decoder
+from gemma4_onnx.runtime.checked_session import checked_graph
 from gemma4_onnx.runtime.package_files import check_package
 
 MODEL = "model.onnx"
@@ -42,8 +43,8 @@ def genai_package(model_dir: Path, out_dir: Path, *, force: bool = False, contex
     cost = cache_cost(cache, context)
 
     # Weights stay in the package's own data files (copied beside model.onnx), so nothing large is loaded.
-    embed = onnx.load(str(model_dir / graphs["embed"]["file"]), load_external_data=False)
-    decoder = onnx.load(str(model_dir / graphs["decoder"]["file"]), load_external_data=False)
+    embed = checked_graph(model_dir, manifest, graphs["embed"]["file"])
+    decoder = checked_graph(model_dir, manifest, graphs["decoder"]["file"])
     merged = merged_decoder(embed, decoder, cache)
     with publish_dir(out_dir, force=force) as staging:
         for name in sorted({*data_files(merged), *(n for n in TOKENIZER_FILES if (model_dir / n).is_file())}):

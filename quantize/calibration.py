@@ -24,6 +24,7 @@ from gemma4_onnx.graphs.manifest import read_manifest
 from gemma4_onnx.quantize.experts import DOWN, GATE_UP, is_topk_moe
 from gemma4_onnx.quantize.float_tensors import FloatTensors
 from gemma4_onnx.quantize.graph_session import WeightFedSession, subgraph
+from gemma4_onnx.runtime.checked_session import checked_graph
 from gemma4_onnx.runtime.package_files import graph_dir
 from gemma4_onnx.runtime.tokenizer import encode, read_tokenizer
 from gemma4_onnx.user_files import regular_file
@@ -129,7 +130,7 @@ class BlockWalk:
 
     def block(self, spec: LayerSpec) -> WeightFedSession:
         entry = next(b for b in self.manifest["graphs"]["blocks"] if b["layer"] == spec.index)
-        model = onnx.load(self.root / entry["file"], load_external_data=False)
+        model = checked_graph(self.root, self.manifest, entry["file"])
         return WeightFedSession(model, self.tensors, graph_dir(entry["file"]))
 
     def feeds(self, spec: LayerSpec, window: int) -> dict[str, np.ndarray]:
@@ -164,7 +165,7 @@ def embedded_windows(root: Path, manifest: dict[str, Any], tensors: FloatTensors
     E2B's token and PLE tables are 1.6 and 9.4 GB in fp32). Ids are renumbered densely for the cut tables,
     skipping the multimodal placeholder ids the graph would replace by pad (text never holds them: they
     are replaced here first, as the graph does)."""
-    model = onnx.load(root / manifest["graphs"]["embed"]["file"], load_external_data=False)
+    model = checked_graph(root, manifest, manifest["graphs"]["embed"]["file"])
     token_ids = manifest.get("token_ids") or {}
     placeholders = {int(v) for k, v in token_ids.items() if k in ("image_token_id", "audio_token_id",
                                                                   "video_token_id") and v is not None}

@@ -8,13 +8,14 @@ quantized after its export and one quantized while exporting hold identical byte
 
 import mmap
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import Protocol
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 
 from gemma4_onnx.graphs.external_data import LoaderEntry, external_entries
+from gemma4_onnx.runtime.checked_session import map_listed_file
 
 ROW_CHUNK = 4096
 
@@ -48,32 +49,41 @@ def _regrouped(chunks: Iterable[np.ndarray], row_shape: tuple[int, ...], dtype: 
 
 
 class PackageTensors:
-    """The initializers of a float package's graphs, read from its data files."""
+    """The initializers of a float package's graphs, read from its data files through descriptors opened
+    here (``map_listed_file``: no link, the file the gate checked), one map per read."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
+        self.manifest = manifest
 
-    def _mapped(self, tensor: onnx.TensorProto, graph_dir: str) -> np.memmap:
+    def _view(self, mapped: mmap.mmap, tensor: onnx.TensorProto) -> np.ndarray:
         info = external_entries(tensor)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        return np.memmap(self.root / graph_dir / info["location"], dtype=dtype, mode="r",
-                         offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        return np.frombuffer(mapped, dtype=dtype, count=count, offset=int(info.get("offset", 0))).reshape(
+            tuple(tensor.dims))
+
+    def _map(self, tensor: onnx.TensorProto, graph_dir: str) -> mmap.mmap:
+        location = (PurePosixPath(graph_dir) / external_entries(tensor)["location"]).as_posix()
+        return map_listed_file(self.root, self.manifest, location)
 
     def array(self, tensor: onnx.TensorProto, graph_dir: str) -> np.ndarray:
-        return np.array(self._mapped(tensor, graph_dir))
+        mapped = self._map(tensor, graph_dir)
+        copy = np.array(self._view(mapped, tensor))
+        mapped.close()
+        return copy
 
     def row_chunks(self, tensor: onnx.TensorProto, graph_dir: str) -> Iterator[np.ndarray]:
         """Pages of the map that were read stay resident, and count, until the process drops them: each
         chunk's pages are let go once it is copied (E2B's PLE table is 9.4 GB in fp32)."""
-        mapped = self._mapped(tensor, graph_dir)
-        if mapped.ndim == 0:
-            yield np.array(mapped)
+        mapped = self._map(tensor, graph_dir)
+        view = self._view(mapped, tensor)
+        if view.ndim == 0:
+            yield np.array(view)
             return
-        for start in range(0, len(mapped), ROW_CHUNK):
-            chunk = np.array(mapped[start:start + ROW_CHUNK])
-            raw = getattr(mapped, "_mmap", None)
-            if isinstance(raw, mmap.mmap):
-                raw.madvise(mmap.MADV_DONTNEED)
+        for start in range(0, len(view), ROW_CHUNK):
+            chunk = np.array(view[start:start + ROW_CHUNK])
+            mapped.madvise(mmap.MADV_DONTNEED)
             yield chunk
 
 

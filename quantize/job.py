@@ -86,7 +86,7 @@ def quantize_package(model_dir: Path, out_dir: Path, recipe_spec: str, force: bo
                          "float export instead")
     if not has_weights(manifest):
         raise UsageError(f"{source} is a structure-only package: it has no weights to quantize")
-    job = QuantizeJob(source, manifest, PackageTensors(source), recipe_spec, budget_bits, calibration,
+    job = QuantizeJob(source, manifest, PackageTensors(source, manifest), recipe_spec, budget_bits, calibration,
                       calibration_tokens)
     float_bytes = sum(int(entry["bytes"]) for entry in manifest["files"].values())
     return job.publish(Path(out_dir), force, float_bytes, {"source_package": str(source.resolve())}, remember=True)

@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.runtime.audio_features import AudioFeatures
+from gemma4_onnx.runtime.checked_session import checked_session
 from gemma4_onnx.runtime.image_processing import ImagePatches
 from gemma4_onnx.runtime.text_model import Cache, TextModel, session_options
 
@@ -86,9 +87,10 @@ def _split(text: str, images: int, audios: int) -> list[str]:
 class Encoders:
     """A package's vision and audio encoders (and ple_context), each session opened on first use."""
 
-    def __init__(self, directory: str | Path, graphs: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(self, directory: str | Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         self.directory = Path(directory)
-        self.graphs = graphs
+        self.manifest = manifest
+        self.graphs = manifest["graphs"]
         self.threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}
 
@@ -98,9 +100,8 @@ class Encoders:
             if entry is None or not (self.directory / entry["file"]).is_file():
                 raise UsageError(f"{self.directory}: the package has no {name} graph (exported before multimodal "
                                  "support, or a model without that tower)")
-            self._sessions[name] = ort.InferenceSession(str(self.directory / entry["file"]),
-                                                        session_options(self.threads),
-                                                        providers=["CPUExecutionProvider"])
+            self._sessions[name] = checked_session(self.directory, self.manifest, entry["file"],
+                                                   session_options(self.threads))
         return self._sessions[name]
 
     def image_soft_tokens(self, image: ImagePatches) -> np.ndarray:
@@ -125,7 +126,7 @@ class MultimodalModel(Encoders):
     def __init__(self, directory: str | Path, threads: int | None = None,
                  checked_manifest: dict[str, Any] | None = None) -> None:
         self.text = TextModel(directory, threads, checked_manifest=checked_manifest)
-        super().__init__(directory, self.text.manifest["graphs"], threads)
+        super().__init__(directory, self.text.manifest, threads)
         self.token_ids: dict[str, int] = self.text.manifest.get("token_ids") or {}
 
     def embedded(self, prompt: Prompt, images: list[np.ndarray], audios: list[np.ndarray]) -> dict[str, np.ndarray]:

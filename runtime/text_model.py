@@ -50,13 +50,12 @@ class TextModel:
             check_files_present(self.directory, self.manifest)
         else:
             self.manifest = checked_manifest
-        providers = ["CPUExecutionProvider"]
-        self.embed = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["embed"]["file"]),
-                                          session_options(threads, profile_prefix and profile_prefix + "embed"),
-                                          providers=providers)
-        self.decoder = ort.InferenceSession(str(self.directory / self.manifest["graphs"]["decoder"]["file"]),
-                                            session_options(threads, profile_prefix and profile_prefix + "decoder"),
-                                            providers=providers)
+        from gemma4_onnx.runtime.checked_session import checked_session
+
+        self.embed = checked_session(self.directory, self.manifest, self.manifest["graphs"]["embed"]["file"],
+                                     session_options(threads, profile_prefix and profile_prefix + "embed"))
+        self.decoder = checked_session(self.directory, self.manifest, self.manifest["graphs"]["decoder"]["file"],
+                                       session_options(threads, profile_prefix and profile_prefix + "decoder"))
         self.cache_layout: list[dict[str, Any]] = self.manifest["cache"]
         self.vocab_size = int(self.manifest["text_config"]["vocab_size"])
         self.eos_ids = _as_list(self.manifest["text_config"].get("eos_token_id"))

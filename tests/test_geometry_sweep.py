@@ -139,7 +139,8 @@ def test_geometry_exports_and_matches_transformers(name: str, sweep) -> None:
 def _budget(package: Path) -> float:
     """auto's budget: 4.9 bits, or where the rules alone exceed it (tiny widths, int8 K/V), a little above
     them, so the budget still has tensors to move."""
-    job = QuantizeJob(package, read_manifest(package), PackageTensors(package), "auto", MAX_BUDGET_BITS, None,
+    manifest = read_manifest(package)
+    job = QuantizeJob(package, manifest, PackageTensors(package, manifest), "auto", MAX_BUDGET_BITS, None,
                       CALIBRATION_TOKENS)  # the plan before any budget is spent
     return max(AUTO_BUDGET, round(average_bits(job.plan) + AUTO_MARGIN, 2))
 

@@ -525,3 +525,28 @@ def test_an_interruption_wrapped_by_a_library_still_ends_quietly_with_143() -> N
         assert outcome(wrapped) == (143, "")
     assert outcome(ValueError("x"))[0] == 1
     assert one_line("a\nb\rc\x1b[2Jd\u2028é") == "a\\nb\\rc\\x1b[2Jd\\u2028é"
+
+
+def test_files_swapped_after_the_gate_are_never_read(workspace, tmp_path) -> None:
+    """A writer racing the verb: after the gate passed, a data file becomes a hard link to a file outside and
+    a graph another graph. onnxruntime is handed only what was checked (``runtime/checked_session.py``)."""
+    from gemma4_onnx.errors import PackageError
+    from gemma4_onnx.runtime.package_files import open_package
+    from gemma4_onnx.runtime.text_model import TextModel
+
+    package, sandbox = workspace
+    manifest, _ = open_package(package)
+    data = package / "embed.data"
+    original = data.read_bytes()
+    outside = sandbox.add("weights.bin", b"\0" * len(original))
+    data.unlink()
+    os.link(outside, data)
+    with pytest.raises(PackageError, match=r"embed\.data has 2 hard links"):
+        TextModel(package, checked_manifest=manifest)
+    assert not sandbox.untouched()
+    data.unlink()
+    data.write_bytes(original)
+    graph = package / "decoder.onnx"
+    graph.write_bytes((package / "embed.onnx").read_bytes())
+    with pytest.raises(PackageError, match=r"decoder\.onnx changed while it was read"):
+        TextModel(package, checked_manifest=manifest)

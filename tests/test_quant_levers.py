@@ -106,7 +106,8 @@ def test_sensitivity_at_the_output_is_the_decoders_kl_with_that_tensor_rounded(e
     from gemma4_onnx.runtime.parity import kl_sum
 
     _, package = exported("tiny-e2b")
-    manifest, tensors = read_manifest(package), PackageTensors(package)
+    manifest = read_manifest(package)
+    tensors = PackageTensors(package, manifest)
     monkeypatch.setattr(sensitivity, "TOKENS", 48)
     monkeypatch.setattr(sensitivity, "OTHER_BLOCKS", ())
     monkeypatch.setattr(sensitivity, "MEASURE_AT", "output")

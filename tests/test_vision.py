@@ -151,6 +151,7 @@ def test_soft_tokens_at_large_budgets(variant: str, tiny_checkpoint, tmp_path: P
     from gemma4_onnx.exporter.reference import load_reference_model
     from gemma4_onnx.exporter.towers import export_towers
     from gemma4_onnx.exporter.weights import CheckpointWeights
+    from gemma4_onnx.graphs.manifest import write_manifest
 
     checkpoint = widened_checkpoint(tiny_checkpoint(variant), tmp_path / "checkpoint", 128)
     weights = CheckpointWeights(checkpoint)
@@ -159,8 +160,9 @@ def test_soft_tokens_at_large_budgets(variant: str, tiny_checkpoint, tmp_path: P
     writer = _Writer(package, structure_only=False, target="portable")
     graphs = export_towers(weights, package, writer)
     writer.close()
+    manifest = write_manifest(package, {"graphs": graphs})
     reference = load_reference_model(Checkpoint.open(checkpoint))
-    check_soft_tokens(Encoders(package, graphs), reference, (560, 1120), (40, 50))
+    check_soft_tokens(Encoders(package, manifest), reference, (560, 1120), (40, 50))
 
 
 @pytest.mark.slow
