@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from tokenizers import Tokenizer
 
 from gemma4_onnx.errors import UsageError
 from gemma4_onnx.exporter.geometry import LayerSpec, text_geometry
@@ -57,7 +58,7 @@ def token_limit(asked: int | None) -> int:
     return asked
 
 
-def package_tokenizer(package: Path) -> Any:
+def package_tokenizer(package: Path) -> Tokenizer:
     return read_tokenizer(package, read_manifest(package))
 
 
@@ -80,7 +81,7 @@ def calibration_file_text(path: Path, package: Path, limit: int) -> str:
     return text_prefix(path, package_tokenizer(package), limit)
 
 
-def text_prefix(path: Path, tokenizer: Any, limit: int, option: str = "--calibration") -> str:
+def text_prefix(path: Path, tokenizer: Tokenizer, limit: int, option: str = "--calibration") -> str:
     """``calibration_file_text`` with a loaded tokenizer, for any text file a verb takes as ``option``."""
     check_calibration_file(path, option)
     decoder = codecs.getincrementaldecoder("utf-8")()

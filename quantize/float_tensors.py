@@ -8,14 +8,14 @@ quantized after its export and one quantized while exporting hold identical byte
 
 import mmap
 from collections.abc import Iterable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import onnx
 
-from gemma4_onnx.graphs.external_data import LoaderEntry, external_entries
-from gemma4_onnx.runtime.checked_session import map_listed_file
+from gemma4_onnx.graphs.external_data import LoaderEntry
+from gemma4_onnx.runtime.checked_session import data_file, map_listed_file, tensor_view
 
 ROW_CHUNK = 4096
 
@@ -56,20 +56,12 @@ class PackageTensors:
         self.root = root
         self.manifest = manifest
 
-    def _view(self, mapped: mmap.mmap, tensor: onnx.TensorProto) -> np.ndarray:
-        info = external_entries(tensor)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        return np.frombuffer(mapped, dtype=dtype, count=count, offset=int(info.get("offset", 0))).reshape(
-            tuple(tensor.dims))
-
     def _map(self, tensor: onnx.TensorProto, graph_dir: str) -> mmap.mmap:
-        location = (PurePosixPath(graph_dir) / external_entries(tensor)["location"]).as_posix()
-        return map_listed_file(self.root, self.manifest, location)
+        return map_listed_file(self.root, self.manifest, data_file(graph_dir, tensor))
 
     def array(self, tensor: onnx.TensorProto, graph_dir: str) -> np.ndarray:
         mapped = self._map(tensor, graph_dir)
-        copy = np.array(self._view(mapped, tensor))
+        copy = np.array(tensor_view(mapped, tensor))
         mapped.close()
         return copy
 
@@ -77,7 +69,7 @@ class PackageTensors:
         """Pages of the map that were read stay resident, and count, until the process drops them: each
         chunk's pages are let go once it is copied (E2B's PLE table is 9.4 GB in fp32)."""
         mapped = self._map(tensor, graph_dir)
-        view = self._view(mapped, tensor)
+        view = tensor_view(mapped, tensor)
         if view.ndim == 0:
             yield np.array(view)
             return

@@ -10,7 +10,6 @@ module opened (through no link, one hard link, the listed size) and memory-mappe
 
 import mmap
 import os
-import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,80 +20,83 @@ from onnx import TensorProto
 
 from gemma4_onnx.errors import PackageError
 from gemma4_onnx.graphs.external_data import external_entries
-from gemma4_onnx.runtime.package_files import contained_file, read_side_file, safe_relative, tensor_bytes
-
-# ONNX types numpy has no dtype for, stored in bytes of this numpy type (onnxruntime reinterprets them)
-SUB_BYTE = {TensorProto.UINT4: 2, TensorProto.INT4: 2}
+from gemma4_onnx.runtime.package_files import (
+    SUB_BYTE_BITS,
+    graph_dir,
+    open_listed_file,
+    read_side_file,
+    tensor_bytes,
+)
 
 
 def checked_graph(directory: Path, manifest: dict[str, Any], graph_file: str) -> onnx.ModelProto:
     """A graph of a package that passed the gate, parsed (without data) from bytes that still have the
     manifest's sha256, not reread by path."""
-    data = read_side_file(Path(directory), manifest, graph_file)
-    if data is None:
-        raise PackageError(f"{directory}: graph {graph_file} is not listed in the manifest")
-    return onnx.load_from_string(data)
+    return onnx.load_from_string(_graph_bytes(Path(directory), manifest, graph_file))
 
 
 def checked_session(directory: Path, manifest: dict[str, Any], graph_file: str, options: ort.SessionOptions,
                     providers: list[str] | None = None) -> ort.InferenceSession:
     """A session over ``graph_file`` of a package that passed the gate, holding the maps it reads."""
-    data = read_side_file(Path(directory), manifest, graph_file)
-    if data is None:
-        raise PackageError(f"{directory}: graph {graph_file} is not listed in the manifest")
+    directory = Path(directory)
+    data = _graph_bytes(directory, manifest, graph_file)
+    providers = providers or ["CPUExecutionProvider"]
     if graph_file.endswith(".ort"):  # the ORT format (mobile packages) carries its weights
         options.add_session_config_entry("session.load_model_format", "ORT")
-        return ort.InferenceSession(data, options, providers=providers or ["CPUExecutionProvider"])
-    views = _ExternalViews(Path(directory), manifest, graph_file)
+        return ort.InferenceSession(data, options, providers=providers)
     model = onnx.load_from_string(data)
     external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    values = [views.value(t) for t in external]
+    maps: dict[str, mmap.mmap] = {}
+    values = [_value(directory, manifest, graph_file, t, maps) for t in external]
     if external:
         options.add_external_initializers([t.name for t in external], values)
-    session = ort.InferenceSession(data, options, providers=providers or ["CPUExecutionProvider"])
-    session.gemma4_views = (views, values)  # onnxruntime reads these buffers for as long as the session lives
+    session = ort.InferenceSession(data, options, providers=providers)
+    session.gemma4_views = (maps, values)  # onnxruntime reads these buffers for as long as the session lives
     return session
 
 
-class _ExternalViews:
-    """Initializers as views of the package's data files, each opened and mapped once."""
+def _graph_bytes(directory: Path, manifest: dict[str, Any], graph_file: str) -> bytes:
+    data = read_side_file(directory, manifest, graph_file)
+    if data is None:
+        raise PackageError(f"{directory}: graph {graph_file} is not listed in the manifest")
+    return data
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], graph_file: str) -> None:
-        self.directory, self.manifest, self.graph_file = directory, manifest, graph_file
-        self._maps: dict[str, mmap.mmap] = {}
 
-    def value(self, tensor: TensorProto) -> ort.OrtValue:
-        entries = external_entries(tensor)
-        location = (PurePosixPath(self.graph_file).parent / entries["location"]).as_posix()
-        if location not in self._maps:
-            self._maps[location] = map_listed_file(self.directory, self.manifest, location)
-        mapped = self._maps[location]
-        offset, length = int(entries.get("offset", 0)), tensor_bytes(tensor)
-        shape = tuple(int(d) for d in tensor.dims)
-        if tensor.data_type in SUB_BYTE:
-            count = int(np.prod(shape, dtype=np.int64))
-            packed = np.frombuffer(mapped, dtype=np.uint8, count=length, offset=offset)
-            holder = np.zeros(count, dtype=np.uint8)  # onnxruntime reads its first ceil(count/2) bytes
-            holder[:length] = packed
-            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(holder.reshape(shape), tensor.data_type)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        array = np.frombuffer(mapped, dtype=dtype, count=length // dtype.itemsize, offset=offset).reshape(shape)
-        return ort.OrtValue.ortvalue_from_numpy(array)
+def _value(directory: Path, manifest: dict[str, Any], graph_file: str, tensor: TensorProto,
+           maps: dict[str, mmap.mmap]) -> ort.OrtValue:
+    """An external initializer as an OrtValue over its data file's map (each file mapped once, in ``maps``)."""
+    location = data_file(graph_dir(graph_file), tensor)
+    if location not in maps:
+        maps[location] = map_listed_file(directory, manifest, location)
+    if tensor.data_type in SUB_BYTE_BITS:  # no numpy dtype: bytes that onnxruntime reinterprets
+        length, offset = tensor_bytes(tensor), int(external_entries(tensor).get("offset", 0))
+        holder = np.zeros(tuple(tensor.dims), dtype=np.uint8)  # it reads the first `length` bytes
+        holder.reshape(-1)[:length] = np.frombuffer(maps[location], dtype=np.uint8, count=length, offset=offset)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(holder, tensor.data_type)
+    return ort.OrtValue.ortvalue_from_numpy(tensor_view(maps[location], tensor))
+
+
+def data_file(graph_directory: str, tensor: TensorProto) -> str:
+    """The package file an external tensor of a graph in ``graph_directory`` lies in."""
+    return (PurePosixPath(graph_directory) / external_entries(tensor)["location"]).as_posix()
+
+
+def tensor_view(mapped: mmap.mmap, tensor: TensorProto) -> np.ndarray:
+    """An external tensor of a numpy type, as a view of its data file's map."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    offset = int(external_entries(tensor).get("offset", 0))
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
 
 
 def map_listed_file(directory: Path, manifest: dict[str, Any], name: str) -> mmap.mmap:
-    """A listed data file of the package, memory-mapped from a descriptor opened through no link: the file
-    the gate checked at that name (one hard link, the listed size), or a one-line error."""
+    """A listed data file of the package, memory-mapped from a descriptor opened through no link
+    (``open_listed_file``), or a one-line error."""
     entry = manifest["files"].get(name)
     if entry is None:
         raise PackageError(f"{directory}: data file {name} is not listed in the manifest")
-    info = contained_file(directory, safe_relative(directory, name, "data file"), f"package file {name}")
-    fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = open_listed_file(directory, name, entry)
     try:
-        opened = os.fstat(fd)
-        if ((opened.st_ino, opened.st_dev) != (info.st_ino, info.st_dev) or not stat.S_ISREG(opened.st_mode)
-                or opened.st_nlink != 1 or opened.st_size != entry["bytes"]):
-            raise PackageError(f"{directory}: package file {name} changed while it was read")
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if opened.st_size else mmap.mmap(-1, 1)
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if entry["bytes"] else mmap.mmap(-1, 1)
     finally:
         os.close(fd)

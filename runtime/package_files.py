@@ -404,6 +404,19 @@ def open_package(directory: Path) -> tuple[dict[str, Any], dict[str, onnx.ModelP
     return manifest, check_package(directory, manifest)
 
 
+def open_listed_file(directory: Path, name: str, entry: dict[str, Any]) -> int:
+    """A descriptor on the listed file ``name``, opened through no link: the regular file with one link and
+    the listed size that ``contained_file`` saw at that name, or a one-line error (it changed meanwhile)."""
+    info = contained_file(directory, safe_relative(directory, name, "manifest entry"), f"package file {name}")
+    fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)
+    opened = os.fstat(fd)
+    if ((opened.st_ino, opened.st_dev) != (info.st_ino, info.st_dev) or not stat.S_ISREG(opened.st_mode)
+            or opened.st_nlink != 1 or opened.st_size != entry["bytes"]):
+        os.close(fd)
+        raise _fail(directory, f"package file {name} changed while it was read")
+    return fd
+
+
 def read_side_file(directory: Path, manifest: dict[str, Any], name: str) -> bytes | None:
     """A side file's bytes (tokenizer, its config, the chat template), or None where the package has none.
     Only a file the manifest lists is read, through no link, and only when it still has the listed sha256;
@@ -415,12 +428,7 @@ def read_side_file(directory: Path, manifest: dict[str, Any], name: str) -> byte
             raise _fail(directory, f"file {name} is not listed in the manifest (refused: a package's files are "
                                    "listed with their sha256)")
         return None
-    info = contained_file(directory, safe_relative(directory, name, "manifest entry"), f"package file {name}")
-    fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        opened = os.fstat(f.fileno())
-        if (opened.st_ino, opened.st_dev) != (info.st_ino, info.st_dev) or opened.st_size != entry["bytes"]:
-            raise _fail(directory, f"package file {name} changed while it was read")
+    with os.fdopen(open_listed_file(directory, name, entry), "rb") as f:
         data = f.read(entry["bytes"] + 1)
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise _fail(directory, f"package file {name}: sha256 differs from the manifest (the file was changed after "

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gemma4_onnx.graphs.manifest import IMAGE_BLOCKS, read_manifest
+from gemma4_onnx.runtime.checked_session import checked_session
 from gemma4_onnx.runtime.package_files import check_package
 
 
@@ -50,8 +51,6 @@ class TextModel:
             check_files_present(self.directory, self.manifest)
         else:
             self.manifest = checked_manifest
-        from gemma4_onnx.runtime.checked_session import checked_session
-
         self.embed = checked_session(self.directory, self.manifest, self.manifest["graphs"]["embed"]["file"],
                                      session_options(threads, profile_prefix and profile_prefix + "embed"))
         self.decoder = checked_session(self.directory, self.manifest, self.manifest["graphs"]["decoder"]["file"],
