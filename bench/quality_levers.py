@@ -81,7 +81,8 @@ def apply_settings(settings: list[str]) -> dict[str, object]:
     return applied
 
 
-def measure(fixture: str, recipe: str, budget: float | None, settings: list[str], label: str) -> dict[str, object]:
+def measure(fixture: str, recipe: str, budget: float | None, settings: list[str], label: str,
+            calibration: Path | None = None) -> dict[str, object]:
     from gemma4_onnx.progress import set_quiet
     from gemma4_onnx.quantize.job import quantize_package
     from gemma4_onnx.runtime.parity import LogitStats
@@ -93,7 +94,7 @@ def measure(fixture: str, recipe: str, budget: float | None, settings: list[str]
     reference = reference_logits(fp32, fixture, cuts)
     out = WORK / fixture / f"q-{label}"
     started = time.perf_counter()
-    quantize_package(fp32, out, recipe, force=True, budget_bits=budget)
+    quantize_package(fp32, out, recipe, force=True, budget_bits=budget, calibration=calibration)
     quantize_s = time.perf_counter() - started
     stats = LogitStats()
     for window, ref, ours, size in zip(cuts, reference, logits(out, cuts), target_bytes, strict=True):
@@ -104,6 +105,7 @@ def measure(fixture: str, recipe: str, budget: float | None, settings: list[str]
                    if e["rule"].startswith("budget"))
     result = {
         "fixture": fixture, "recipe": recipe, "budget": budget, "label": label, "settings": applied,
+        "calibration": str(calibration) if calibration else "built-in",
         "kl_mean": text["kl_mean"], "top1": text["top1_agreement"],
         "bpb_float": text["bits_per_byte_reference"], "bpb": text["bits_per_byte_onnx"],
         "bpb_increase_pct": 100 * (text["bits_per_byte_onnx"] / text["bits_per_byte_reference"] - 1),
@@ -121,8 +123,9 @@ def main() -> int:
     parser.add_argument("--budget", type=float)
     parser.add_argument("--set", action="append", default=[], dest="settings")
     parser.add_argument("--label", default="run")
+    parser.add_argument("--calibration", type=Path, help="calibration text (default: the built-in text)")
     args = parser.parse_args()
-    result = measure(args.fixture, args.recipe, args.budget, args.settings, args.label)
+    result = measure(args.fixture, args.recipe, args.budget, args.settings, args.label, args.calibration)
     WORK.mkdir(parents=True, exist_ok=True)
     with (WORK / "results.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")

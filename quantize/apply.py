@@ -31,6 +31,7 @@ from gemma4_onnx.quantize.experts import (
     DOWN,
     GATE_UP,
     attach_nbits_function,
+    dequantize,
     is_topk_moe,
     nbits_node,
     quantize_experts,
@@ -83,6 +84,7 @@ class Quantizer:
         self.writer = PackageWriter(staging)
         self.sources: dict[str, tuple[onnx.TensorProto, str]] = {}  # name → (tensor, its graph dir)
         self.quantized_names: list[str] = []
+        self.dequantized: dict[str, np.ndarray] | None = None  # when a dict: each tensor quantized, as it reads back
 
     def adopt(self, model: onnx.ModelProto, source: onnx.ModelProto, graph_dir: str) -> None:
         """Take over the tensors of a graph an interrupted run already wrote (``resume``) from ``source``:
@@ -115,6 +117,9 @@ class Quantizer:
                 packed, scales, zero_points = blockwise_rows(self.tensors.row_chunks(tensor, graph_dir),
                                                              int(tensor.dims[0]), decision, statistics)
             self._write(names, (packed, scales.astype(np.float16), zero_points), self._location(name))
+            if self.dequantized is not None:
+                self.dequantized[name] = _read_back(packed, scales.astype(np.float16), zero_points, decision,
+                                                    int(tensor.dims[-1]))
             if self.plan[name].candidate.kind == "embedding" and decision.bits == 4 and scales.shape[1] % 2:
                 self._write([gathered_zero_points(name)], (nibbles_across_rows(zero_points, scales.shape[1]),),
                             self._location(name))
@@ -304,6 +309,16 @@ class Quantizer:
             nodes = list(graph.graph.node)
             graph.graph.node.insert(nodes.index(next(n for n in nodes if gathered in n.output)) + 1,
                                     helper.make_node("Slice", [gathered, *bounds], [out], name=f"{out}.unpad"))
+
+
+def _read_back(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, decision: Decision,
+               k: int) -> np.ndarray:
+    """The float values a quantized [N, K] weight (or [E, N, K] expert stack) stands for."""
+    assert decision.bits is not None
+    if packed.ndim == 4:
+        return np.stack([dequantize(*parts, decision.bits, k) for parts in zip(packed, scales, zero_points,
+                                                                                strict=True)])
+    return dequantize(packed, scales, zero_points, decision.bits, k)
 
 
 def gathered_zero_points(name: str) -> str:

@@ -11,6 +11,7 @@ The tied LM head's H comes from a last step through the decoder's head (final no
 """
 
 import codecs
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ WINDOW = 512
 CARRIED = ("hidden_states_out", "published_key", "published_value")  # what a block hands on (``advance``)
 MAX_TOKENS = 16384
 MIN_ROUTED_PER_INPUT = 0.0  # an expert routed fewer tokens than this × its input width is rounded to nearest
+SEQUENTIAL = False  # each block calibrated on the outputs of the blocks before it as quantized (docs/quantization.md)
 FEW_ROUTED_DAMPING = 1.0  # an expert's H diagonal grows by this × K / (its routed tokens) (docs/quantization.md)
+FEW_ROUTED_PRIOR = 0.0  # gate/up experts: H gains this × K tokens of the layer's whole input instead (0: off)
 READ_CHUNK = 1 << 16  # bytes of calibration text read first (~16k tokens of code)
 TOKENS_MARGIN = 64  # tokens read past the limit, so the last kept ones are those of the whole file
 HEAD_WEIGHT = "model.language_model.embed_tokens.weight"
@@ -195,6 +198,11 @@ def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
+def walk_key(calibrated: set[str], tokens: int, plan: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """What a kept ``HessianWalk``'s statistics depend on: with ``SEQUENTIAL``, the whole plan too."""
+    return frozenset(calibrated), tokens, json.dumps(plan, sort_keys=True) if SEQUENTIAL else None
+
+
 class HessianWalk:
     """Σ xᵀx per linear weight, one block at a time (``layer`` in layer order, then ``head``). Without
     ``keep`` each H is the quantizer's to spend; with it, results stay, read-only, for a later recipe on the
@@ -206,6 +214,8 @@ class HessianWalk:
         self.walk = BlockWalk(root, manifest, tensors, calibration_tokens(root, text, tokens))
         self.keep = keep
         self.done: dict[int | str, Hessians] = {}
+        self.pending: tuple[LayerSpec, WeightFedSession, list[dict[str, np.ndarray]]] | None = None
+        self.sequential = SEQUENTIAL
 
     def layer(self, spec: LayerSpec) -> Hessians:
         if spec.index in self.done:
@@ -225,7 +235,9 @@ class HessianWalk:
             for layer in moe:
                 layer.add(*(values[name] for name in layer.inputs))
             outputs.append({k: v for k, v in values.items() if k in CARRIED})
-        self.walk.advance(spec, outputs)
+        self.pending = (spec, block, outputs)
+        if not self.sequential:
+            self.advance({})
         sums = gram.result()
         readers = Counter(inputs.values())  # q/k/v and gate/up read one activation: their H is not spent
         _read_only({a: h for a, h in sums.items() if readers[a] > 1})
@@ -235,6 +247,19 @@ class HessianWalk:
         if self.keep:
             self.done[spec.index] = _read_only(hessians)
         return hessians
+
+    def advance(self, quantized: dict[str, np.ndarray]) -> None:
+        """The block whose H ``layer`` gave hands its outputs on, computed with ``quantized`` (weight name →
+        its quantized values, dequantized) standing in for those float weights; with ``SEQUENTIAL`` the
+        next block's statistics are then those of the inputs the quantized model gives it."""
+        if self.pending is None:
+            return
+        spec, block, outputs = self.pending
+        self.pending = None
+        if quantized:
+            outputs = [{k: v for k, v in block.run_all(self.walk.feeds(spec, window), quantized).items()
+                        if k in CARRIED} for window in self.walk.windows()]
+        self.walk.advance(spec, outputs)
 
     def head(self) -> Hessians:
         """H of the tied LM head: the decoder's head (final norm) run on the last block's outputs."""
@@ -306,8 +331,17 @@ class ExpertHessians:
     x = ``rows[pair_row]``. Built when asked, a few experts at a time (``quantize_experts``): the whole
     [E, K, K] stack of 26B-A4B's gate/up statistics would be 128 × 2816² floats, 4 GB per layer."""
 
-    def __init__(self, rows: np.ndarray, pair_row: np.ndarray, expert: np.ndarray, weight: np.ndarray) -> None:
+    def __init__(self, rows: np.ndarray, pair_row: np.ndarray, expert: np.ndarray, weight: np.ndarray,
+                 shared_rows: bool = False) -> None:
+        """``shared_rows``: every expert reads the same ``rows`` (the gate/up input), whose statistics over all
+        tokens then stand in for the directions an expert saw too few tokens of (``FEW_ROUTED_PRIOR``)."""
         self.rows, self.pair_row, self.expert, self.weight = rows, pair_row, expert, weight
+        self.prior: np.ndarray | None = None
+        if shared_rows and FEW_ROUTED_PRIOR:
+            import torch
+
+            x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+            self.prior = (x.T @ x).numpy() / max(len(rows), 1)
         self.routed = np.bincount(expert[weight != 0], minlength=int(expert.max(initial=0)) + 1)
         enough = MIN_ROUTED_PER_INPUT * rows.shape[-1]
         self.reached = [int(e) for e in np.nonzero(self.routed)[0] if self.routed[e] >= enough]
@@ -321,9 +355,12 @@ class ExpertHessians:
             pairs = np.nonzero(self.expert == expert)[0]
             x = torch.from_numpy(self.rows[self.pair_row[pairs]] * self.weight[pairs, None])
             torch.mm(x.T, x, out=torch.from_numpy(out[i]))
-            if FEW_ROUTED_DAMPING:  # an expert that saw few tokens: its H leans toward its own diagonal
+            routed = max(int(self.routed[expert]), 1)
+            if self.prior is not None:  # FEW_ROUTED_PRIOR × K tokens of the whole input, at this expert's weights
+                out[i] += self.prior * (FEW_ROUTED_PRIOR * k * float(np.mean(self.weight[pairs] ** 2)))
+            elif FEW_ROUTED_DAMPING:  # an expert that saw few tokens: its H leans toward its own diagonal
                 h = out[i].reshape(-1)
-                h[::k + 1] *= 1 + FEW_ROUTED_DAMPING * k / max(int(self.routed[expert]), 1)
+                h[::k + 1] *= 1 + FEW_ROUTED_DAMPING * k / routed
         return out
 
 
@@ -370,7 +407,7 @@ class ExpertStatistics:
     def hessians(self) -> dict[str, ExpertHessians]:
         expert, weight = np.concatenate(self.expert), np.concatenate(self.weight)
         token = np.arange(len(expert)) // self.top_k
-        gate_up = ExpertHessians(np.concatenate(self.z), token, expert, weight)
+        gate_up = ExpertHessians(np.concatenate(self.z), token, expert, weight, shared_rows=True)
         down = ExpertHessians(np.concatenate(self.activated), np.arange(len(expert)), expert, weight)
         return dict(zip(self.names, (gate_up, down), strict=True))
 

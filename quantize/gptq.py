@@ -18,6 +18,9 @@ LEAF_COLUMNS = 32  # columns updated one at a time (``gptq``): 32 was fastest of
 DAMPING = 0.01
 ACT_ORDER = False  # columns by decreasing H diagonal, ranges fixed per block beforehand (docs/quantization.md)
 SHRINK_GRID = np.linspace(1.0, 0.8, 21)
+REFIT_SCALES = False  # each row's scales refitted by least squares on GPTQ's codes (docs/quantization.md)
+REFIT_ROWS = 64  # rows refitted together: [64, K, K/block] float32 temporaries
+SEPARATE_SHRINK = False  # asymmetric ranges: low and high shrunk by factors searched apart (docs/quantization.md)
 ERROR_NORM = 2.4
 GRID_CHUNK_VALUES = 1 << 19  # trial values per step of the range search: 2 MB temporaries (gemma4_onnx.memory)
 
@@ -46,10 +49,14 @@ def _group_params(columns: "torch.Tensor", top: int, symmetric: bool) -> tuple["
     columns = columns.contiguous()  # a group arrives as a transposed view; the reductions run along rows
     low = columns.amin(dim=-1).clamp(max=0)
     high = columns.amax(dim=-1).clamp(min=0)
-    grid = torch.from_numpy(SHRINK_GRID.astype(np.float32)).reshape(-1, *[1] * low.dim())
+    if SEPARATE_SHRINK and not symmetric:
+        pairs = np.array([(a, b) for a in SHRINK_GRID for b in SHRINK_GRID], np.float32)
+    else:
+        pairs = np.stack([SHRINK_GRID, SHRINK_GRID], -1).astype(np.float32)
+    grid = torch.from_numpy(pairs).reshape(-1, 2, *[1] * low.dim())
     best_scale, best_zero, best_error = low, low, torch.full_like(low, torch.inf)
     for shrink in grid.split(max(1, GRID_CHUNK_VALUES // columns.numel())):
-        scale, zero = _range_params(low * shrink, high * shrink, top, symmetric)
+        scale, zero = _range_params(low * shrink[:, 0], high * shrink[:, 1], top, symmetric)
         # ŵ − w = s·clamp(round(w/s), −z, top − z) − w, in place on one temporary
         error = torch.div(columns, scale[..., None]).round_()
         torch.maximum(error, -zero[..., None], out=error)
@@ -103,10 +110,39 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetr
     if static is not None and order is not None:
         solver.fix_ranges(static, torch.from_numpy(order // block))
     solver.solve(0, w_t.shape[-2])
+    if REFIT_SCALES and order is None:
+        _refit_scales(solver, torch.from_numpy(np.ascontiguousarray(w_np, dtype=np.float32)), torch.from_numpy(factor))
     codes = solver.codes.transpose(-1, -2).numpy()
     if order is not None:
         codes = np.take_along_axis(codes, np.argsort(order, axis=-1)[..., None, :], axis=-1)
     return codes, solver.scales.numpy().astype(np.float64), solver.zeros.numpy().astype(np.float64)
+
+
+def _refit_scales(solver: "_Solver", weight: "torch.Tensor", r: "torch.Tensor") -> None:
+    """Each row's block scales refitted with its codes and zero points fixed: the s minimizing
+    (w − C·s) H (w − C·s)ᵀ, C the row's centered codes (code − zero) spread one block per column, with
+    H = R·Rᵀ the damped statistics GPTQ solved against. GPTQ chose each scale before the block's codes
+    and kept it; this is the least-squares scale for the codes it then chose, across blocks, so the
+    H-weighted error of the row cannot grow. A refit that is not finite or not positive keeps the old."""
+    import torch
+
+    block = solver.block
+    k, n = solver.codes.shape[-2:]
+    blocks = k // block
+    for index in np.ndindex(tuple(solver.codes.shape[:-2])):
+        rt = r[index].T.contiguous()  # [K, K]: Rᵀ
+        r_blocks = r[index].reshape(blocks, block, k)  # R's rows, by block of the input
+        codes, scales, zeros = solver.codes[index], solver.scales[index], solver.zeros[index]
+        for start in range(0, n, REFIT_ROWS):
+            rows = slice(start, min(start + REFIT_ROWS, n))
+            centered = codes[:, rows].T.float().reshape(-1, blocks, block) - zeros[rows][..., None]
+            m = torch.einsum("bjk,rbj->rkb", r_blocks, centered)  # Rᵀ·C per row: [rows, K, blocks]
+            target = weight[index][rows] @ rt.T  # Rᵀ·w per row: [rows, K]
+            gram = m.transpose(1, 2) @ m
+            gram.diagonal(dim1=1, dim2=2).add_(1e-12 * gram.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True) + 1e-30)
+            refit = torch.linalg.solve(gram, (m.transpose(1, 2) @ target[..., None]))[..., 0]
+            keep = ~torch.isfinite(refit) | (refit <= 0)
+            scales[rows] = torch.where(keep, scales[rows], refit)
 
 
 class _Solver:

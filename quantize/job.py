@@ -33,6 +33,7 @@ from gemma4_onnx.quantize.calibration import (
     calibration_file_text,
     check_calibration_file,
     token_limit,
+    walk_key,
 )
 from gemma4_onnx.quantize.float_tensors import FloatTensors, PackageTensors
 from gemma4_onnx.quantize.memo import recall, remember_result, remembered
@@ -152,7 +153,8 @@ class QuantizeJob:
             plan = spend(plan, sensitivity, self.recipe.budget_bits, asked=self.asked_budget)
         plan_json = [e.as_dict() for e in plan]
         calibrated = {e.candidate.name for e in plan if e.decision.algorithm == "gptq" and e.decision.quantized}
-        walk = self._hessians(calibrated, text, remember and _small(plan, calibrated)) if calibrated else None
+        keep = remember and _small(plan, calibrated)
+        walk = self._hessians(calibrated, text, keep, plan_json) if calibrated else None
         done = resume.layers_done() if resume else 0
         finished = {f for b in self.manifest["graphs"]["blocks"] if b["layer"] < done
                     for f in (b["file"], _block_data(b["file"]))}
@@ -177,7 +179,11 @@ class QuantizeJob:
                 if walk is not None:
                     quantizer.hessians = {}  # the last block's H go before this block's are summed
                     quantizer.hessians = self._step(walk, file)
+                    quantizer.dequantized = {} if walk.pending is not None else None
                 model = quantizer.rewrite(model, graph_dir(file))
+                if walk is not None:
+                    walk.advance(quantizer.dequantized or {})
+                    quantizer.dequantized = None
                 entry = model.metadata_props.add()
                 entry.key, entry.value = PLAN_KEY, json.dumps({"recipe": recipe.name, "plan": plan_json})
                 (staging / file).parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +199,7 @@ class QuantizeJob:
         finally:
             quantizer.writer.close()
         if walk is not None and walk.keep:
-            remember_result("hessians", self.root, text, (frozenset(calibrated), self.calibration_tokens), walk)
+            remember_result("hessians", self.root, text, walk_key(calibrated, self.calibration_tokens, plan_json), walk)
         for entry_graph in graph_entries({"graphs": graphs}):
             entry_graph.update(signatures[entry_graph["file"]])
         for name in self.manifest["files"]:
@@ -217,9 +223,9 @@ class QuantizeJob:
             resume.finish()  # not part of the package
         write_manifest(staging, out)
 
-    def _hessians(self, calibrated: set[str], text: str, keep: bool) -> HessianWalk:
+    def _hessians(self, calibrated: set[str], text: str, keep: bool, plan_json: list[dict[str, Any]]) -> HessianWalk:
         if keep:
-            kept = recall("hessians", self.root, text, (frozenset(calibrated), self.calibration_tokens))
+            kept = recall("hessians", self.root, text, walk_key(calibrated, self.calibration_tokens, plan_json))
             if kept is not None:
                 return kept
         return HessianWalk(self.root, self.manifest, self.tensors, calibrated, text, self.calibration_tokens, keep)

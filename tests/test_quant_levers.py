@@ -1,9 +1,12 @@
 """The quantization levers of docs/quantization.md: the budget's block-size options, sensitivities at the
-model output, GPTQ in activation order, and the few-token fallbacks of MoE experts."""
+model output, GPTQ in activation order, refitted scales, the sequential calibration walk, and the few-token
+fallbacks of MoE experts."""
 
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gemma4_onnx.quantize.budget import options, spend
 from gemma4_onnx.quantize.plan import Candidate, Entry
@@ -137,3 +140,65 @@ def test_sensitivity_at_the_output_is_the_decoders_kl_with_that_tensor_rounded(e
         expected = kl_sum(reference, logits) / len(tokens)
         assert measured[entry.candidate.name] == pytest.approx(expected, rel=1e-3), entry.candidate.name
         assert expected > 0
+
+
+@given(rows=st.integers(1, 9), blocks=st.integers(1, 4), experts=st.integers(0, 2), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_refitted_scales_keep_gptqs_codes_and_never_raise_the_weighted_error(rows, blocks, experts, seed) -> None:
+    from gemma4_onnx.quantize import gptq
+
+    rng = np.random.default_rng(seed)
+    k, block = 16 * blocks, 16
+    lead = (experts,) if experts else ()
+    x = rng.standard_normal((*lead, 3 * k, k)) * np.exp(rng.uniform(-1.5, 1.5, k))
+    w = rng.standard_normal((*lead, rows, k)).astype(np.float32)
+    h = (np.swapaxes(x, -1, -2) @ x).astype(np.float32)
+    plain = gptq.gptq(w, h.copy(), 4, block, False)
+    try:
+        gptq.REFIT_SCALES = True
+        refit = gptq.gptq(w, h.copy(), 4, block, False)
+    finally:
+        gptq.REFIT_SCALES = False
+    np.testing.assert_array_equal(refit[0], plain[0])
+    np.testing.assert_array_equal(refit[2], plain[2])
+    damping = gptq.DAMPING * np.diagonal(h, axis1=-2, axis2=-1).mean(-1)
+    damped = h + np.eye(k, dtype=np.float32) * np.asarray(damping)[..., None, None]
+
+    def error(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> float:
+        d = w - (codes - np.repeat(zeros, block, -1)) * np.repeat(scales, block, -1)
+        return float(np.sum((d @ damped) * d))
+
+    assert error(*refit) <= error(*plain) * (1 + 1e-4) + 1e-6
+
+
+def test_a_sequential_walk_hands_on_what_the_quantized_block_computes(exported, monkeypatch) -> None:
+    """With ``SEQUENTIAL`` a block's successor is calibrated on the block's outputs with its quantized weights
+    standing in; the float weights given back as the "quantized" ones leave every statistic as before."""
+    from gemma4_onnx.builtin_text import calibration_text
+    from gemma4_onnx.graphs.manifest import read_manifest
+    from gemma4_onnx.quantize import calibration
+    from gemma4_onnx.quantize.float_tensors import PackageTensors
+
+    _, package = exported("tiny-e2b")
+    manifest = read_manifest(package)
+    tensors = PackageTensors(package, manifest)
+    first, second = calibration.HessianWalk(package, manifest, tensors, set(), calibration_text(), 64).walk.geometry \
+        .layers[:2]
+    weight = f"model.language_model.layers.{first.index}.mlp.down_proj.weight"
+    following = f"model.language_model.layers.{second.index}.self_attn.q_proj.weight"
+    monkeypatch.setattr(calibration, "SEQUENTIAL", True)
+
+    def statistics(replaced: str) -> np.ndarray:
+        walk = calibration.HessianWalk(package, manifest, tensors, {weight, following}, calibration_text(), 64)
+        walk.layer(first)
+        float_weight = walk.pending[1].weights[weight] if walk.pending else None
+        assert float_weight is not None, "a sequential walk waits for the quantized weights"
+        given = {"float": {}, "same": {weight: float_weight}, "rounded": {weight: np.round(float_weight * 4) / 4}}
+        walk.advance(given[replaced])
+        hessian = walk.layer(second)[following]
+        assert isinstance(hessian, np.ndarray)
+        return hessian
+
+    reference = statistics("float")
+    np.testing.assert_allclose(statistics("same"), reference, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(statistics("rounded"), reference, rtol=1e-3)
